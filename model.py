@@ -1,0 +1,722 @@
+"""
+model.py: the Llama-Nemotron decoder, a Llama whose layers may differ (paper sec. 2, "Puzzle").
+
+Llama-Nemotron's Super and Ultra models are Llama decoders produced by Puzzle NAS: every layer has
+its own `block_configs[i] = {"attention": ..., "ffn": ...}` (the DeciLM / `nemotron-nas` format).
+    attention: GQA with its own number of KV heads | a single linear layer | nothing (no_op)
+    ffn:       SwiGLU of any width              | a single linear layer | nothing (no_op)
+A plain Llama is the case where all layers are alike. LN-Super (49.9B) keeps attention in only 49
+of its 80 layers, so its KV cache is 49/80 of a Llama-70B's at the same width.
+
+This file holds the whole model: config, modules, KV cache and batched generation, and checkpoint IO
+(the native folder format and Hugging Face `LlamaForCausalLM` / DeciLM folders, both ways). It
+knows nothing of training or data. The math of attention, SwiGLU and RMSNorm lives in kernels.py.
+
+    python model.py PATH     # PATH: a config.json or a checkpoint folder -> per-layer table
+"""
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import attention, decode_attention, rms_norm, swiglu_ffn
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+
+ATTENTION_KINDS = ("gqa", "linear", "no_op")
+FFN_KINDS = ("swiglu", "linear", "no_op")
+
+
+def ffn_mult_to_intermediate_size(ffn_mult, hidden_size):
+    """DeciLM's exact rounding: 2/3 of ffn_mult * hidden (the SwiGLU convention), rounded up to a
+    multiple of 256. LN-Super's ffn_mult 2.625 at hidden 8192 gives 14336, Llama-70B's width."""
+    n = int(2 * ffn_mult * hidden_size / 3)
+    return n if n % 256 == 0 else n + 256 - n % 256
+
+
+@dataclass
+class BlockConfig:
+    """One layer. `n_heads_in_group` = query heads per KV head (kv heads = heads // group).
+    The FFN width is `intermediate_size` if given, else derived from `ffn_mult`."""
+    attention: str = "gqa"
+    n_heads_in_group: int | None = 1
+    ffn: str = "swiglu"
+    ffn_mult: float | None = None
+    intermediate_size: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    head_dim: int | None = None          # default hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None     # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 512
+    block_configs: list = field(default_factory=list)  # one BlockConfig per layer
+
+    def __post_init__(self):
+        self.block_configs = [b if isinstance(b, BlockConfig) else BlockConfig(**b)
+                              for b in self.block_configs]
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    @property
+    def num_hidden_layers(self):
+        return len(self.block_configs)
+
+    @classmethod
+    def llama(cls, num_layers, num_key_value_heads=None, intermediate_size=None, **kw):
+        """A plain Llama: every layer GQA + SwiGLU of the same size."""
+        heads = kw.get("num_attention_heads", cls.num_attention_heads)
+        kv = num_key_value_heads or heads
+        if heads % kv:
+            raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+        hidden = kw.get("hidden_size", cls.hidden_size)
+        width = intermediate_size or ffn_mult_to_intermediate_size(4.0, hidden)
+        blocks = [BlockConfig("gqa", heads // kv, "swiglu", None, width) for _ in range(num_layers)]
+        return cls(block_configs=blocks, **kw)
+
+    def kv_heads(self, i):
+        b = self.block_configs[i]
+        return self.num_attention_heads // b.n_heads_in_group if b.attention == "gqa" else 0
+
+    def ffn_width(self, i):
+        b = self.block_configs[i]
+        if b.ffn != "swiglu":
+            return 0
+        return b.intermediate_size or ffn_mult_to_intermediate_size(b.ffn_mult, self.hidden_size)
+
+    def validate(self):
+        if self.num_attention_heads <= 0 or self.hidden_size <= 0 or self.vocab_size <= 0:
+            raise ValueError("hidden_size, num_attention_heads and vocab_size must be positive")
+        if not self.block_configs:
+            raise ValueError("block_configs is empty: a model needs at least one layer")
+        for i, b in enumerate(self.block_configs):
+            if b.attention not in ATTENTION_KINDS:
+                raise ValueError(f"block_configs[{i}].attention: unknown kind {b.attention!r}, "
+                                 f"expected one of {ATTENTION_KINDS}")
+            if b.ffn not in FFN_KINDS:
+                raise ValueError(f"block_configs[{i}].ffn: unknown kind {b.ffn!r}, expected one of {FFN_KINDS}")
+            if b.attention == "gqa":
+                g = b.n_heads_in_group
+                if not g or self.num_attention_heads % g:
+                    raise ValueError(f"block_configs[{i}].n_heads_in_group={g} must divide "
+                                     f"num_attention_heads={self.num_attention_heads}")
+            if b.ffn == "swiglu" and not (b.intermediate_size or b.ffn_mult):
+                raise ValueError(f"block_configs[{i}]: a swiglu FFN needs ffn_mult or intermediate_size")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default", None):
+                raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported (llama3 or default)")
+
+    def to_dict(self):
+        d = asdict(self)
+        d["model_type"] = "nano-nemotron"
+        return d
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(cfg):
+    """Inverse frequencies theta^(-2i/D), with Llama 3's frequency-dependent scaling: long
+    wavelengths (> original_context / low_freq_factor) are slowed by `factor`, short ones
+    (< original_context / high_freq_factor) kept, the band between blended linearly."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    sc = cfg.rope_scaling
+    if not sc or sc.get("rope_type", sc.get("type")) in (None, "default"):
+        return inv_freq
+    factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    L = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > L / low, inv_freq / factor, inv_freq)
+    s = (L / wavelen - low) / (high - low)
+    blended = (1 - s) * scaled / factor + s * scaled
+    in_band = (wavelen >= L / high) & (wavelen <= L / low)
+    return torch.where(in_band, blended, scaled)
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """positions (B, T) -> cos, sin (B, 1, T, D) in fp32 math, cast like HF Llama does."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Llama's rotate-half convention: the two halves of each head are the (re, im) pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention: `n_kv` KV heads shared by groups of query heads."""
+
+    def __init__(self, cfg, n_kv):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, n_kv, cfg.head_dim
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(H, n_kv * D, bias=False)
+        self.v_proj = nn.Linear(H, n_kv * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
+
+    def forward(self, x, rope, doc_ids=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = attention(q, k, v, causal=True, doc_ids=doc_ids)
+        else:
+            y = cache.attend(q, k, v, doc_ids)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LinearAttention(nn.Module):
+    """Puzzle's `replace_with_linear` attention: one hidden x hidden matrix, no token mixing."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.linear_attn = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, rope=None, doc_ids=None, cache=None):
+        return self.linear_attn(x)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg, width):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return swiglu_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+class LinearFFN(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.linear_mlp = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.linear_mlp(x)
+
+
+class DecoderLayer(nn.Module):
+    """h = h + attn(norm(h)); h = h + ffn(norm(h)). A no_op sub-block has no norm and no
+    parameters at all (and so no tensors in the checkpoint): it is the identity."""
+
+    def __init__(self, cfg, i):
+        super().__init__()
+        b = cfg.block_configs[i]
+        self.self_attn = self.input_layernorm = self.mlp = self.post_attention_layernorm = None
+        if b.attention != "no_op":
+            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.self_attn = GQAttention(cfg, cfg.kv_heads(i)) if b.attention == "gqa" else LinearAttention(cfg)
+        if b.ffn != "no_op":
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.mlp = SwiGLU(cfg, cfg.ffn_width(i)) if b.ffn == "swiglu" else LinearFFN(cfg)
+
+    def attention_block(self, h, rope, doc_ids=None, cache=None):
+        if self.self_attn is None:
+            return h
+        return h + self.self_attn(self.input_layernorm(h), rope, doc_ids, cache)
+
+    def ffn_block(self, h):
+        if self.mlp is None:
+            return h
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward(self, h, rope, doc_ids=None, cache=None):
+        return self.ffn_block(self.attention_block(h, rope, doc_ids, cache))
+
+
+class LlamaBody(nn.Module):
+    """Named `model` inside Transformer so parameter names equal Hugging Face's tensor names."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.apply(self._init_weights)
+        # Residual-stream writers get a smaller init (GPT-2): 2 of them per layer add up in h.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "linear_attn.weight", "linear_mlp.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.num_hidden_layers))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def reset_rope(self):
+        """Recompute the (non-persistent) RoPE buffer, e.g. after building on the meta device."""
+        self.inv_freq = rope_inv_freq(self.config).to(self.model.embed_tokens.weight.device)
+
+    def forward(self, idx, doc_ids=None, positions=None, return_hidden=False):
+        """idx (B, T) token ids -> logits (B, T, V) [, per-layer outputs: list of L (B, T, H)].
+        doc_ids (B, T): packed documents never attend across each other; positions (B, T) are
+        RoPE positions (default 0..T-1; packing can restart them at every document)."""
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        h = self.model.embed_tokens(idx)
+        rope = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        hidden = []
+        for layer in self.model.layers:
+            h = layer(h, rope, doc_ids)
+            if return_hidden:
+                hidden.append(h)
+        logits = self.lm_head(self.model.norm(h))
+        return (logits, hidden) if return_hidden else logits
+
+    # -------------------------------------------------------------------------------------------
+    # Generation with a static KV cache (gpt-fast style: preallocated, written by index, no host
+    # synchronisation inside the decode loop except an occasional "all rows done?" check).
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 stop_ids=(), seed=None, pad_id=0, check_done_every=16):
+        """Batched sampling for prompts of different lengths (list of lists of token ids).
+        Prompts are left-padded so every row writes the same cache slot at each step; row b's
+        pad slots are masked out (kv_start[b]) and its RoPE positions start at 0 on its first
+        real token. Each row samples independently from one seeded generator. A row stops after
+        emitting one of `stop_ids` (the stop token is kept as the row's last token).
+        Returns a list of generated token lists (prompts not included)."""
+        cfg, dev = self.config, self.inv_freq.device
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        B, L = len(prompts), max(len(p) for p in prompts)
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if longest > cfg.max_position_embeddings:
+            raise ValueError(f"generate: a prompt of {L} tokens + max_new_tokens={max_new_tokens} = "
+                             f"{longest} exceeds the model's context of {cfg.max_position_embeddings}")
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        pad = torch.tensor([L - len(p) for p in prompts], device=dev)
+        idx = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)
+        caches = KVCache.for_model(self, B, L + max_new_tokens, pad)
+        slots = torch.arange(L, device=dev)
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)
+        doc_ids = (slots[None, :] >= pad[:, None]).long()  # pad tokens = document 0, prompt = 1
+        logits = self._forward_cached(idx, positions, caches, doc_ids)[:, -1]
+        stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+        pos = positions[:, -1]
+        for t in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_k, top_p, gen)
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            out[:, t] = tok
+            hit = torch.isin(tok, stop) & ~done
+            lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
+            done = done | hit
+            if t == max_new_tokens - 1 or ((t + 1) % check_done_every == 0 and bool(done.all())):
+                break
+            pos = pos + 1
+            for c in caches.values():
+                c.advance()
+            logits = self._forward_cached(tok[:, None], pos[:, None], caches)[:, -1]
+        out, lengths = out.tolist(), lengths.tolist()
+        return [row[:n] for row, n in zip(out, lengths)]
+
+    def _forward_cached(self, idx, positions, caches, doc_ids=None):
+        h = self.model.embed_tokens(idx)
+        rope = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, rope, doc_ids, caches.get(i))
+        return self.lm_head(self.model.norm(h))
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):
+    """logits (B, V) -> (B,) token ids. temperature 0 is greedy; top-k then top-p (nucleus)
+    filtering; one multinomial draw per row from a seeded generator (no host sync)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens strictly more likely already cover top_p of the mass,
+        # so the most likely token always survives.
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class KVCache:
+    """Static per-layer cache (B, n_kv, S, D), allocated once, only for real attention layers
+    (no_op and linear layers mix no tokens, so they need none). `pos` is a 0-d device tensor: the
+    slot the next single-token step writes, so the decode loop runs without host syncs."""
+
+    def __init__(self, B, n_kv, S, D, kv_start, dtype, device):
+        self.k = torch.zeros(B, n_kv, S, D, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.kv_start = kv_start
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+
+    @staticmethod
+    def for_model(model, B, S, kv_start):
+        cfg, w = model.config, model.model.embed_tokens.weight
+        return {i: KVCache(B, cfg.kv_heads(i), S, cfg.head_dim, kv_start, w.dtype, w.device)
+                for i in range(cfg.num_hidden_layers) if cfg.block_configs[i].attention == "gqa"}
+
+    def advance(self):
+        self.pos += 1
+
+    def attend(self, q, k, v, doc_ids):
+        T = q.shape[2]
+        if T > 1:  # prefill: the prompt attends to itself; store its K/V in slots [0, T)
+            self.k[:, :, :T], self.v[:, :, :T] = k, v
+            self.pos.fill_(T - 1)
+            return attention(q, k, v, causal=True, doc_ids=doc_ids)
+        self.k.index_copy_(2, self.pos.view(1), k)
+        self.v.index_copy_(2, self.pos.view(1), v)
+        return decode_attention(q, self.k, self.v, self.kv_start, self.pos + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizing
+
+def count_params(cfg):
+    """Parameter count from the config alone (tied embeddings counted once)."""
+    H, D, Hq = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
+    n = cfg.vocab_size * H * (1 if cfg.tie_word_embeddings else 2) + H  # embed, lm_head, final norm
+    for i, b in enumerate(cfg.block_configs):
+        n += layer_params(cfg, i)
+    return n
+
+
+def layer_params(cfg, i):
+    H, D, Hq = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
+    b, n = cfg.block_configs[i], 0
+    if b.attention == "gqa":
+        n += H + H * Hq * D * 2 + H * cfg.kv_heads(i) * D * 2
+    elif b.attention == "linear":
+        n += H + H * H
+    if b.ffn == "swiglu":
+        n += H + 3 * H * cfg.ffn_width(i)
+    elif b.ffn == "linear":
+        n += H + H * H
+    return n
+
+
+def kv_bytes_per_token(cfg, bytes_per_element=2):
+    """K and V of every real attention layer for one token (bf16 = 2 bytes per element)."""
+    return sum(2 * cfg.kv_heads(i) * cfg.head_dim * bytes_per_element
+               for i in range(cfg.num_hidden_layers))
+
+
+def describe(cfg):
+    """The per-layer table `python model.py PATH` prints."""
+    rows = [f"{'layer':>5}  {'attention':<10} {'kv_heads':>8}  {'ffn':<7} {'width':>7}  {'params':>14}"]
+    for i, b in enumerate(cfg.block_configs):
+        rows.append(f"{i:>5}  {b.attention:<10} {cfg.kv_heads(i):>8}  {b.ffn:<7} "
+                    f"{cfg.ffn_width(i):>7}  {layer_params(cfg, i):>14,}")
+    n_attn = sum(b.attention == "gqa" for b in cfg.block_configs)
+    rows += [f"params: {count_params(cfg)}", f"attention_layers: {n_attn}",
+             f"kv_bytes_per_token: {kv_bytes_per_token(cfg)}"]
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint formats
+#   native:    config.json {"model_type": "nano-nemotron", ...ModelConfig} + model.safetensors
+#   Llama:     config.json {"architectures": ["LlamaForCausalLM"], ...}    + model.safetensors
+#              (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+#   DeciLM:    config.json {"model_type": "nemotron-nas", "block_configs": [...]} + safetensors
+# All three use the same tensor names (our module names are Hugging Face's), so only the config
+# differs. Weights are only ever read with safetensors (no pickle, no code from the folder).
+
+def _rope_from_hf(d):
+    """Both config.json styles: top-level rope_theta/rope_scaling (transformers < 5, the released
+    Llama-Nemotron files) and the newer `rope_parameters` dict."""
+    rp = d.get("rope_parameters")
+    if rp:
+        theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+    else:
+        theta, scaling = d.get("rope_theta", 10000.0), d.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+def config_from_dict(d, where="config.json"):
+    """Any of the three formats -> ModelConfig. `where` names the file in error messages."""
+    try:
+        if d.get("model_type") == "nano-nemotron":
+            keys = {f.name for f in fields(ModelConfig)}
+            unknown = set(d) - keys - {"model_type"}
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)}")
+            return ModelConfig(**{k: v for k, v in d.items() if k in keys})
+        for key in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers"):
+            if d.get(key) is None:
+                raise ValueError(f"missing field {key!r}")
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            raise ValueError("attention_bias / mlp_bias = true is not a Llama layout this model supports")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r}: only silu (SwiGLU) is supported")
+        H, heads = d["hidden_size"], d["num_attention_heads"]
+        theta, scaling = _rope_from_hf(d)
+        common = dict(vocab_size=d["vocab_size"], hidden_size=H, num_attention_heads=heads,
+                      head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                      rope_theta=theta, rope_scaling=scaling,
+                      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                      max_position_embeddings=d.get("max_position_embeddings", 2048))
+        if "block_configs" in d:  # DeciLM / nemotron-nas
+            bcs = d["block_configs"]
+            if len(bcs) != d["num_hidden_layers"]:
+                raise ValueError(f"num_hidden_layers={d['num_hidden_layers']} but there are "
+                                 f"{len(bcs)} block_configs")
+            return ModelConfig(block_configs=[_block_from_decilm(b, i) for i, b in enumerate(bcs)], **common)
+        kv = d.get("num_key_value_heads") or heads
+        if heads % kv:
+            raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+        blocks = [BlockConfig("gqa", heads // kv, "swiglu", None, d["intermediate_size"])
+                  for _ in range(d["num_hidden_layers"])]
+        return ModelConfig(block_configs=blocks, **common)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _block_from_decilm(b, i):
+    a, f = b.get("attention", {}), b.get("ffn", {})
+    known_a = {"n_heads_in_group", "no_op", "replace_with_linear", "num_sink_tokens", "sparsify",
+               "unshifted_sink", "use_prefill_window_in_sink_attention", "window_length"}
+    for k in set(a) - known_a:
+        raise ValueError(f"block_configs[{i}].attention: unknown key {k!r}")
+    for k in ("window_length", "num_sink_tokens", "sparsify"):
+        if a.get(k) is not None:
+            raise ValueError(f"block_configs[{i}].attention.{k}={a[k]!r}: not supported (null in the released models)")
+    if a.get("no_op"):
+        attn, group = "no_op", None
+    elif a.get("replace_with_linear"):
+        attn, group = "linear", None
+    else:
+        attn, group = "gqa", a.get("n_heads_in_group")
+    if f.get("no_op"):
+        ffn = "no_op"
+    elif f.get("replace_with_linear"):
+        ffn = "linear"
+    else:
+        ffn = "swiglu"
+    return BlockConfig(attn, group, ffn, f.get("ffn_mult") if ffn == "swiglu" else None,
+                       f.get("intermediate_size") if ffn == "swiglu" else None)
+
+
+def config_to_hf_dict(cfg):
+    """A uniform model exports as LlamaForCausalLM, a heterogeneous one as DeciLM."""
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                  num_attention_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
+                  num_hidden_layers=cfg.num_hidden_layers, rms_norm_eps=cfg.rms_norm_eps,
+                  rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+                  tie_word_embeddings=cfg.tie_word_embeddings,
+                  max_position_embeddings=cfg.max_position_embeddings, hidden_act="silu",
+                  attention_bias=False, mlp_bias=False, torch_dtype="float32")
+    b0 = cfg.block_configs[0]
+    uniform = all(b.attention == "gqa" and b.ffn == "swiglu" and b.n_heads_in_group == b0.n_heads_in_group
+                  and cfg.ffn_width(i) == cfg.ffn_width(0) for i, b in enumerate(cfg.block_configs))
+    if uniform:
+        return dict(architectures=["LlamaForCausalLM"], model_type="llama",
+                    num_key_value_heads=cfg.kv_heads(0), intermediate_size=cfg.ffn_width(0), **common)
+    blocks = []
+    for i, b in enumerate(cfg.block_configs):
+        attn = {"no_op": b.attention == "no_op", "replace_with_linear": b.attention == "linear",
+                "n_heads_in_group": b.n_heads_in_group if b.attention == "gqa" else None}
+        ffn = {"no_op": b.ffn == "no_op", "replace_with_linear": b.ffn == "linear", "ffn_mult": None}
+        if b.ffn == "swiglu":
+            ffn["ffn_mult"] = b.ffn_mult
+            # DeciLM's ffn_mult rounds widths up to multiples of 256; nano widths need the
+            # explicit size too (newer DeciLM configs accept `intermediate_size`).
+            if b.ffn_mult is None or ffn_mult_to_intermediate_size(b.ffn_mult, cfg.hidden_size) != cfg.ffn_width(i):
+                ffn["ffn_mult"] = round(1.5 * cfg.ffn_width(i) / cfg.hidden_size, 6)
+                ffn["intermediate_size"] = cfg.ffn_width(i)
+        blocks.append({"attention": attn, "ffn": ffn})
+    return dict(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", intermediate_size=None,
+                num_key_value_heads=None, block_configs=blocks, **common)
+
+
+def load_config(path):
+    """path: a config.json file or a checkpoint folder containing one."""
+    f = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        with open(f) as fh:
+            d = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    return config_from_dict(d, f)
+
+
+def _weight_files(folder):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [x for x in files if not os.path.isfile(os.path.join(folder, x))]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+        return [os.path.join(folder, x) for x in files]
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors weights are loaded, never pickles)")
+
+
+def load_model(path, device="cpu", dtype=torch.float32):
+    """Build the model on the meta device, check every tensor name and shape against the
+    checkpoint, and only then materialise: a bad checkpoint never loads partially."""
+    from safetensors import safe_open
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    found, where = {}, {}
+    for f in _weight_files(path):
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():
+                found[k], where[k] = tuple(sf.get_slice(k).get_shape()), f
+    if cfg.tie_word_embeddings and "lm_head.weight" in found:
+        found.pop("lm_head.weight")  # some exports store the tied copy too; it is the same tensor
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {missing[:8]}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:8]}")
+    for k in sorted(set(expected) & set(found)):
+        if expected[k] != found[k]:
+            problems.append(f"{k}: shape {list(found[k])} in {os.path.basename(where[k])}, "
+                            f"config expects {list(expected[k])}")
+    if problems:
+        raise ValueError(f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems))
+    state = {}
+    for f in _weight_files(path):
+        with safe_open(f, framework="pt", device="cpu") as sf:
+            for k in sf.keys():
+                if k in expected:
+                    state[k] = sf.get_tensor(k).to(device=device, dtype=dtype)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope()
+    return model
+
+
+def _atomic_write(path, write):
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_model(model, folder, fmt="native", max_shard_bytes=None, metadata=None):
+    """Write config.json + model.safetensors (or shards + index when the weights exceed
+    max_shard_bytes). fmt: "native" or "hf" (LlamaForCausalLM if uniform, else DeciLM).
+    Each file is written to a temporary name and renamed, so a crash never leaves a half file."""
+    from safetensors.torch import save_file
+    if fmt not in ("native", "hf"):
+        raise ValueError(f"save_model: fmt must be 'native' or 'hf', got {fmt!r}")
+    os.makedirs(folder, exist_ok=True)
+    cfg = model.config
+    conf = cfg.to_dict() if fmt == "native" else config_to_hf_dict(cfg)
+    state = {k.removeprefix("_orig_mod."): v.detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")  # one storage, saved once (as Hugging Face does)
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes and cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + nbytes
+    shards.append(cur)
+    for stale in os.listdir(folder):  # weights from an earlier save must not mix with these
+        if stale.startswith("model") and stale.endswith((".safetensors", ".safetensors.index.json")):
+            os.remove(os.path.join(folder, stale))
+    if len(shards) == 1:
+        _atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(shards[0], p, meta))
+    else:
+        weight_map = {}
+        for j, shard in enumerate(shards):
+            name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(os.path.join(folder, name), lambda p: save_file(shard, p, meta))
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write(os.path.join(folder, "model.safetensors.index.json"),
+                      lambda p: open(p, "w").write(json.dumps(index, indent=2)))
+    _atomic_write(os.path.join(folder, "config.json"), lambda p: open(p, "w").write(json.dumps(conf, indent=2)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        sys.exit("usage: python model.py PATH   (a config.json or a checkpoint folder)")
+    try:
+        print(describe(load_config(sys.argv[1])))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
