@@ -1,0 +1,948 @@
+"""
+data.py: the data layer of the Llama-Nemotron recipe (arXiv 2505.00949).
+
+    tokenizer    Llama 3's tiktoken BPE (`tokenizer.model`, 128,000 ranks + 256 special tokens), or a
+                 small byte-level BPE trained here for the offline default world, in the same format.
+    chat         the Llama-Nemotron chat template with the reasoning toggle (paper section 4.1:
+                 system prompt `detailed thinking on|off`, `<think>...</think>` before the answer in
+                 "on" mode), rendered to (ids, loss mask) in one function.
+    tasks        verifiable tasks with graded difficulty: chains of k single-digit additions mod 10
+                 (reasoning helps: see ../shared/notes/design.md), plus short chat-style tasks for
+                 "off" mode; a programmatic verifier stands in for the paper's LLM judge (section 5).
+                 Splits are fixed by hashing each problem's text, so no problem is in two splits.
+    files        pretraining token shards (uint16/uint32), SFT JSONL in the
+                 Llama-Nemotron-Post-Training-Dataset schema, RL prompt JSONL.
+
+Run:   python data.py [--key=value ...]        (python data.py --help lists the keys)
+Reads: nothing (the default world is generated).
+Writes out/data/: tokenizer.model + tokenizer_meta.json, pretrain_train/ and pretrain_val/ (token
+       shards + index.json), sft_train.jsonl, sft_val.jsonl, rl_train.jsonl, val_problems.jsonl,
+       test_problems.jsonl, data_meta.json.  About 10-20 s on 2 CPU cores.
+"""
+import base64
+import binascii
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import regex
+import tiktoken
+from tqdm import tqdm
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, line and field."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer (tiktoken)
+
+# Llama 3's pre-tokenisation split pattern (Meta's llama3 tokenizer.py).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# The 256 special tokens of Llama 3.1 / 3.3 (the parents of LN-Nano/Super/Ultra), in id order: they
+# are not in tokenizer.model and get ids n_ranks + i (128000 + i for the real file). Order as in
+# Meta's llama-models tokenizer and HF's tokenizer_config.json; id 128005 is named
+# <|reserved_special_token_2|> in HF's file (<|step_id|> in some Meta versions), and the reserved
+# names run 3..247 from 128011 so that 11 + 245 = 256.
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]
+assert len(LLAMA3_SPECIAL_TOKENS) == 256
+
+# Tokens the template needs (an error if a tokenizer lacks them) and ones it uses when present.
+REQUIRED_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                     "<|end_header_id|>", "<|eot_id|>"]
+SIDECAR = "tokenizer_meta.json"     # pattern + special tokens, written beside tokenizer.model
+
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+
+def _read_ranks(path):
+    """Parse a tiktoken ranks file (`base64(token_bytes) rank` per line) with line-numbered errors.
+    Same result as tiktoken.load.load_tiktoken_bpe, but it checks what tiktoken assumes: ranks
+    0..n-1 without gaps or duplicates, and every single byte present (else some text could not be
+    encoded at all)."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise DataError(f"{path}:{lineno}: expected 'base64_token rank', got {line[:80]!r}")
+            try:
+                token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+            except (binascii.Error, ValueError) as e:
+                raise DataError(f"{path}:{lineno}: bad token or rank {line[:80]!r}: {e}") from None
+            if token in ranks:
+                raise DataError(f"{path}:{lineno}: token {token!r} appears twice")
+            ranks[token] = rank
+    if not ranks:
+        raise DataError(f"{path}: no ranks in file")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise DataError(f"{path}: ranks must be exactly 0..{len(ranks) - 1} (gaps or duplicates)")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise DataError(f"{path}: not byte-level: {len(missing)} single bytes have no rank "
+                        f"(first: {missing[0]})")
+    return ranks
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus the Llama-Nemotron chat template.
+
+    n_vocab = ranks + special tokens; bos_id, eot_id, pad_id (<|finetune_right_pad_id|>, or
+    <|end_of_text|> when the tokenizer has no pad token), stop_ids (end_of_text, eom, eot: the three
+    eos ids of the released Nemotron configs)."""
+
+    def __init__(self, mergeable_ranks, special_tokens, pattern=LLAMA3_PATTERN, name="tokenizer"):
+        for tok in REQUIRED_SPECIALS:
+            if tok not in special_tokens:
+                raise DataError(f"{name}: special token {tok} is missing")
+        clash = [t for t, i in special_tokens.items() if i < len(mergeable_ranks)]
+        if clash:
+            raise DataError(f"{name}: special token {clash[0]} has an id inside the "
+                            f"{len(mergeable_ranks)} ranks")
+        self.mergeable_ranks = mergeable_ranks
+        self.special_tokens = dict(special_tokens)
+        self.pattern = pattern
+        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=self.special_tokens)
+        self.n_ranks = len(mergeable_ranks)
+        self.n_vocab = self.enc.n_vocab
+        sp = self.special_tokens
+        self.bos_id = sp["<|begin_of_text|>"]
+        self.eos_id = sp["<|end_of_text|>"]
+        self.eot_id = sp["<|eot_id|>"]
+        self.start_header_id = sp["<|start_header_id|>"]
+        self.end_header_id = sp["<|end_header_id|>"]
+        self.pad_id = sp.get("<|finetune_right_pad_id|>", self.eos_id)
+        self.stop_ids = [i for i in (sp["<|end_of_text|>"], sp.get("<|eom_id|>"), self.eot_id)
+                         if i is not None]
+        self._headers = {}
+
+    def __repr__(self):
+        return f"Tokenizer(n_ranks={self.n_ranks}, n_vocab={self.n_vocab})"
+
+    def encode(self, text):
+        """Plain text -> ids. Special-token strings typed in the text stay ordinary text."""
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        return self.enc.encode_ordinary_batch(texts, num_threads=2)
+
+    def decode(self, ids):
+        """ids -> str; special ids decode to their names, broken UTF-8 to U+FFFD."""
+        return self.enc.decode([int(i) for i in ids], errors="replace")
+
+    def _header(self, role):
+        if role not in self._headers:
+            self._headers[role] = ([self.start_header_id] + self.encode(role)
+                                   + [self.end_header_id] + self.encode("\n\n"))
+        return self._headers[role]
+
+    def render_chat(self, messages, reasoning=None, add_generation_prompt=False):
+        """The Llama-Nemotron template -> (ids, mask), two lists of ints of equal length.
+
+        <|begin_of_text|>, then always a system turn: `detailed thinking on|off` when reasoning is
+        given, else the conversation's own system message (first message), else empty; then each
+        turn `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`.
+        Assistant turns before the last message lose everything up to </think> (as the released
+        template does); a final assistant turn keeps its reasoning (it is the training target).
+        mask = 1 on assistant content tokens and their closing <|eot_id|>, 0 elsewhere.
+        add_generation_prompt appends the empty assistant header (mask 0)."""
+        if reasoning not in (None, "on", "off"):
+            raise ValueError(f"reasoning must be 'on', 'off' or None, got {reasoning!r}")
+        msgs = list(messages)
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
+        system = None
+        if msgs and msgs[0]["role"] == "system":
+            system, msgs = msgs[0]["content"].strip(), msgs[1:]
+        if reasoning is not None:
+            want = f"detailed thinking {reasoning}"
+            if system is not None and system != want:
+                raise ValueError(f"reasoning={reasoning!r} conflicts with system message {system!r}")
+            system = want
+        ids, mask = [self.bos_id], [0]
+
+        def add(toks, m):
+            ids.extend(toks)
+            mask.extend([m] * len(toks))
+        add(self._header("system") + self.encode(system or "") + [self.eot_id], 0)
+        for i, m in enumerate(msgs):
+            role, content = m["role"], m["content"]
+            if role not in ("user", "assistant"):
+                raise ValueError(f"message {i + (system is not None and messages[0]['role'] == 'system')}:"
+                                 f" role must be user or assistant here, got {role!r}")
+            if role == "assistant" and i < len(msgs) - 1 and THINK_END in content:
+                content = content.split(THINK_END)[-1]     # history keeps only the answer
+            add(self._header(role), 0)
+            add(self.encode(content.strip()) + [self.eot_id], int(role == "assistant"))
+        if add_generation_prompt:
+            if msgs and msgs[-1]["role"] == "assistant":
+                raise ValueError("add_generation_prompt after an assistant turn")
+            add(self._header("assistant"), 0)
+        return ids, mask
+
+    def render_prompt(self, prompt, reasoning):
+        """A single user turn ready for generation: the common case for evaluation and RL."""
+        return self.render_chat([{"role": "user", "content": prompt}], reasoning=reasoning,
+                                add_generation_prompt=True)[0]
+
+    def save(self, folder):
+        """Write tokenizer.model (tiktoken format) + tokenizer_meta.json into folder."""
+        os.makedirs(folder, exist_ok=True)
+        write_ranks(self.mergeable_ranks, os.path.join(folder, "tokenizer.model"))
+        meta = {"format": "tiktoken", "pattern": self.pattern, "n_ranks": self.n_ranks,
+                "special_tokens": self.special_tokens}
+        with open(os.path.join(folder, SIDECAR), "w") as f:
+            json.dump(meta, f, indent=1)
+
+
+def write_ranks(ranks, path):
+    with open(path, "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+
+def _specials_from_hf_config(path, n_ranks):
+    """added_tokens_decoder of a HF tokenizer_config.json -> {name: id} (ids >= n_ranks only)."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    added = cfg.get("added_tokens_decoder")
+    if not isinstance(added, dict):
+        raise DataError(f"{path}: field 'added_tokens_decoder' missing or not an object")
+    specials = {}
+    for k, v in added.items():
+        if not isinstance(v, dict) or "content" not in v:
+            raise DataError(f"{path}: added_tokens_decoder[{k!r}] has no field 'content'")
+        if int(k) >= n_ranks:
+            specials[v["content"]] = int(k)
+    return specials
+
+
+def load_tokenizer(path):
+    """path: a tiktoken ranks file, or a folder holding tokenizer.model (or original/tokenizer.model,
+    the layout of HF Llama downloads). Pattern and special tokens come from tokenizer_meta.json beside
+    the file, else a tokenizer_config.json (beside it or in the folder), else Llama 3's defaults:
+    LLAMA3_PATTERN and the 256 Llama 3 special tokens at ids n_ranks + i."""
+    if os.path.isdir(path):
+        for cand in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+            if os.path.isfile(os.path.join(path, cand)):
+                model_file = os.path.join(path, cand)
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no tokenizer.model or original/tokenizer.model")
+        folders = [os.path.dirname(model_file), path]
+    elif os.path.isfile(path):
+        model_file, folders = path, [os.path.dirname(path) or "."]
+    else:
+        raise FileNotFoundError(f"{path}: no such tokenizer file or folder")
+    ranks = _read_ranks(model_file)
+    pattern, specials = LLAMA3_PATTERN, None
+    sidecar = os.path.join(os.path.dirname(model_file), SIDECAR)
+    if os.path.isfile(sidecar):
+        try:
+            with open(sidecar) as f:
+                meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{sidecar}:{e.lineno}: malformed JSON: {e.msg}") from None
+        for key in ("pattern", "special_tokens"):
+            if key not in meta:
+                raise DataError(f"{sidecar}: missing field {key!r}")
+        pattern, specials = meta["pattern"], {k: int(v) for k, v in meta["special_tokens"].items()}
+        if meta.get("n_ranks", len(ranks)) != len(ranks):
+            raise DataError(f"{sidecar}: n_ranks={meta['n_ranks']} but {model_file} has "
+                            f"{len(ranks)} ranks")
+    else:
+        for folder in dict.fromkeys(folders):
+            cfg = os.path.join(folder, "tokenizer_config.json")
+            if os.path.isfile(cfg):
+                specials = _specials_from_hf_config(cfg, len(ranks))
+                break
+    if specials is None:
+        specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    return Tokenizer(ranks, specials, pattern, name=os.path.basename(model_file))
+
+
+def train_tokenizer(text, vocab_size, out_path, pattern=LLAMA3_PATTERN, progress=True):
+    """Train a byte-level BPE on text; save it to out_path (a folder: tokenizer.model +
+    tokenizer_meta.json) and return the Tokenizer. vocab_size counts everything: 256 byte tokens,
+    the merges, and the 256 Llama 3 special tokens (so ids of specials are n_ranks + i as for
+    Llama 3). Classic BPE: split text with the pattern, count chunks, repeatedly merge the most
+    frequent adjacent pair (ties: the smallest pair of ids, for determinism)."""
+    n_ranks = vocab_size - len(LLAMA3_SPECIAL_TOKENS)
+    if n_ranks < 256:
+        raise ValueError(f"vocab_size={vocab_size} < 512 (256 bytes + 256 special tokens)")
+    chunk_counts = Counter(regex.findall(pattern, text))
+    words = [list(c.encode("utf-8")) for c in chunk_counts]
+    counts = list(chunk_counts.values())
+    token_bytes = [bytes([b]) for b in range(256)]          # id -> bytes; id == rank
+    ranks = {t: i for i, t in enumerate(token_bytes)}
+    pair_counts, where = Counter(), defaultdict(set)
+    for wi, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pair_counts[p] += counts[wi]
+            where[p].add(wi)
+    bar = tqdm(total=n_ranks - 256, desc="bpe merges", disable=not progress, leave=False)
+    while len(ranks) < n_ranks:
+        if not pair_counts:
+            raise ValueError(f"corpus too small: only {len(ranks)} tokens reachable, "
+                             f"{n_ranks} ranks asked (vocab_size={vocab_size})")
+        best = min(pair_counts, key=lambda p: (-pair_counts[p], p))
+        merged = token_bytes[best[0]] + token_bytes[best[1]]
+        if merged in ranks:            # same bytes reached by another pair: reuse, no new rank
+            new_id = ranks[merged]
+        else:
+            new_id = len(token_bytes)
+            token_bytes.append(merged)
+            ranks[merged] = new_id
+            bar.update(1)
+        for wi in where.pop(best):
+            w, c = words[wi], counts[wi]
+            for p in zip(w, w[1:]):
+                pair_counts[p] -= c
+                if pair_counts[p] <= 0:
+                    del pair_counts[p]
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    out.append(new_id)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            for p in zip(out, out[1:]):
+                pair_counts[p] += c
+                where[p].add(wi)
+            words[wi] = out
+        pair_counts.pop(best, None)
+    bar.close()
+    specials = {t: n_ranks + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    tok = Tokenizer(ranks, specials, pattern, name="tokenizer.model")
+    tok.save(out_path)
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Reasoning format
+
+def split_reasoning(response_text):
+    """A generated response -> (reasoning, answer). `<think>\\nR\\n</think>\\n\\nA` gives (R, A),
+    both stripped; no </think> gives (None, whole response stripped); an unclosed <think> (a
+    generation cut off mid-thought) gives (what follows <think>, "")."""
+    text = response_text.strip()
+    if THINK_END in text:
+        reasoning, answer = text.split(THINK_END, 1)
+        reasoning = reasoning.strip()
+        if reasoning.startswith(THINK_START):
+            reasoning = reasoning[len(THINK_START):]
+        return reasoning.strip(), answer.strip()
+    if text.startswith(THINK_START):
+        return text[len(THINK_START):].strip(), ""
+    return None, text
+
+
+def format_response(reasoning_text, answer, reasoning):
+    """The paper's response layout: on -> `<think>\\n...\\n</think>\\n\\nanswer`, off -> answer."""
+    if reasoning == "on":
+        return f"{THINK_START}\n{reasoning_text.strip()}\n{THINK_END}\n\n{answer}"
+    if reasoning == "off":
+        return answer
+    raise ValueError(f"reasoning must be 'on' or 'off', got {reasoning!r}")
+
+
+def check_format(response_text, reasoning):
+    """Format reward of the paper's RL (section 5): "on" needs exactly one <think>...</think> block
+    at the start and a non-empty answer after it; "off" needs no think tags at all."""
+    text = response_text.strip()
+    if reasoning == "on":
+        return (text.startswith(THINK_START) and text.count(THINK_START) == 1
+                and text.count(THINK_END) == 1 and split_reasoning(text)[1] != "")
+    if reasoning == "off":
+        return THINK_START not in text and THINK_END not in text and text != ""
+    raise ValueError(f"reasoning must be 'on' or 'off', got {reasoning!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in tasks
+#
+# addmod10: k single-digit operands, answer = their sum mod 10. The design note's prototype (790k
+# params, 330 s) stayed at chance answering directly but reached ~100% at k=3-4 with a trace, and
+# every first error on long chains was copying the wrong operand from the prompt. So this trace
+# keeps each step local: each line restates what is left, the running total first:
+#     3+5+2+7        the first two digits are always the next step's operands,
+#     8+2+7          and the rest of the line is a copy of the line above,
+#     0+7            at a fixed offset
+#     7
+# k = number of operands, 2..8 by default; 10^k distinct problems per k.
+# Splits are disjoint at the problem level (no prompt is in two splits; pretraining, SFT and RL
+# use train problems only). A trace's intermediate lines are themselves shorter chains (8+2+7 above),
+# and those may hash to val/test: unavoidable for step-by-step traces, and they only appear as
+# reduction steps, never as a prompt with its answer. Evaluate on k >= 3 (k=2 is the addition
+# table, which the pretraining corpus states in full).
+#
+# Chat-style tasks ("off" mode, also given short traces so both modes exist for every prompt):
+# echo / count / last word / list over a 32-word vocabulary, and next (successor of 0..998).
+
+ADD_TASK = "addmod10"
+CHAT_TASKS = ("echo", "count", "last", "list", "next")
+TASKS = (ADD_TASK,) + CHAT_TASKS
+WORDS = ("cat", "dog", "sun", "red", "box", "tree", "fish", "blue", "car", "hat", "moon", "star",
+         "cup", "bird", "book", "milk", "rain", "lamp", "door", "frog", "cake", "ship", "leaf",
+         "rock", "bell", "coat", "duck", "king", "road", "snow", "wind", "gold")
+NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivo", "Jane", "Kai", "Lena")
+SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def problem_split(problem):
+    """The split a problem belongs to, from a hash of its task and prompt: the same problem lands in
+    the same split whatever seed or generator produced it, so splits can never overlap."""
+    h = hashlib.sha256(f"{problem['task']}\x00{problem['prompt']}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2 ** 64
+    if u < SPLIT_FRACTIONS["train"]:
+        return "train"
+    return "val" if u < SPLIT_FRACTIONS["train"] + SPLIT_FRACTIONS["val"] else "test"
+
+
+def addmod_problem(operands):
+    """A chain problem from its operands (digits 0..9), with prompt, answer and local trace."""
+    ops = [int(d) for d in operands]
+    if len(ops) < 2 or any(not 0 <= d <= 9 for d in ops):
+        raise ValueError(f"need >= 2 single digits, got {operands!r}")
+    lines, cur = ["+".join(map(str, ops))], list(ops)
+    while len(cur) > 1:
+        cur = [(cur[0] + cur[1]) % 10] + cur[2:]
+        lines.append("+".join(map(str, cur)))
+    return {"task": ADD_TASK, "k": len(ops), "operands": ops,
+            "prompt": f"Add mod 10: {lines[0]}", "answer": str(cur[0]), "trace": "\n".join(lines)}
+
+
+def chat_problem(task, args):
+    """A chat-style problem: task in CHAT_TASKS, args = list of words (echo/count/last/list) or
+    [n] (next)."""
+    if task == "next":
+        n = int(args[0])
+        return {"task": task, "k": len(str(n)), "args": [n], "prompt": f"What number comes after {n}?",
+                "answer": str(n + 1), "trace": f"{n}+1={n + 1}"}
+    words = [str(w) for w in args]
+    if not words or any(not w or w.split() != [w] for w in words):
+        raise ValueError(f"{task}: need a list of single words, got {args!r}")
+    s = " ".join(words)
+    if task == "echo":
+        prompt, answer, trace = f"Repeat: {s}", s, f"copy: {s}"
+    elif task == "count":
+        prompt, answer = f"Count the words: {s}", str(len(words))
+        trace = "\n".join(f"{w} {i + 1}" for i, w in enumerate(words))
+    elif task == "last":
+        prompt, answer, trace = f"Last word: {s}", words[-1], f"{s}\nlast: {words[-1]}"
+    elif task == "list":
+        prompt, answer = f"Make a list: {s}", "\n".join(f"- {w}" for w in words)
+        trace = f"{len(words)} items"
+    else:
+        raise ValueError(f"unknown chat task {task!r}; valid: {CHAT_TASKS}")
+    return {"task": task, "k": len(words), "args": words, "prompt": prompt, "answer": answer,
+            "trace": trace}
+
+
+def _random_problem(rng, task, k_min, k_max):
+    if task == "chat":
+        task = rng.choice(CHAT_TASKS)
+    if task == ADD_TASK:
+        return addmod_problem([rng.randrange(10) for _ in range(rng.randint(k_min, k_max))])
+    if task == "next":
+        return chat_problem("next", [rng.randrange(999)])
+    if task in CHAT_TASKS:
+        return chat_problem(task, [rng.choice(WORDS) for _ in range(rng.randint(1, 5))])
+    raise ValueError(f"unknown task {task!r}; valid: {TASKS + ('chat',)}")
+
+
+def generate_problems(task, split, n, seed, k_min=2, k_max=8, unique=False):
+    """n problems of `task` (a name in TASKS, or "chat" for a mix of CHAT_TASKS) from `split`,
+    deterministic in seed. For addmod10 the chain length k is uniform in [k_min, k_max] (chat tasks
+    ignore k). unique=True returns distinct problems or raises if the split holds too few."""
+    if split not in SPLIT_FRACTIONS:
+        raise ValueError(f"split must be one of {list(SPLIT_FRACTIONS)}, got {split!r}")
+    if not 2 <= k_min <= k_max:
+        raise ValueError(f"need 2 <= k_min <= k_max, got k_min={k_min} k_max={k_max}")
+    rng = random.Random(f"{seed}/{task}/{split}/{k_min}/{k_max}")
+    out, seen = [], set()
+    max_tries, tries = 1000 + 200 * n, 0
+    while len(out) < n:
+        tries += 1
+        if tries > max_tries:
+            raise ValueError(f"found only {len(out)} of {n} unique {task} problems in split "
+                             f"{split!r} with k in [{k_min}, {k_max}]: the split is too small")
+        p = _random_problem(rng, task, k_min, k_max)
+        if problem_split(p) != split or (unique and p["prompt"] in seen):
+            continue
+        seen.add(p["prompt"])
+        out.append(p)
+    return out
+
+
+def _normalise(text):
+    """Whitespace-tolerant form: lines stripped, runs of spaces collapsed, blank lines dropped."""
+    return "\n".join(" ".join(line.split()) for line in text.strip().splitlines() if line.strip())
+
+
+def extract_answer(response_text):
+    """The answer part of a response: after </think> if present; None for an unclosed <think>;
+    otherwise the whole response (off mode)."""
+    reasoning, answer = split_reasoning(response_text)
+    if reasoning is not None and THINK_END not in response_text:
+        return None
+    return answer
+
+
+def verify(problem, response_text):
+    """True iff the response's answer equals the problem's answer, up to whitespace. Needs only
+    problem['answer'] (any task, also RL JSONL rows)."""
+    answer = extract_answer(response_text)
+    return answer is not None and _normalise(answer) == _normalise(str(problem["answer"]))
+
+
+def problem_response(problem, reasoning):
+    """The reference response for a problem in "on" or "off" mode."""
+    return format_response(problem["trace"], problem["answer"], reasoning)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining corpus: the task world as plain prose and equations (no chat markup), so the parent
+# model learns the "language" (digits, + chains, mod 10, the word vocabulary) before SFT.
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _doc_table(rng):
+    a = rng.randrange(10)
+    lines = [f"Adding {NUMBER_WORDS[a]} modulo ten."]
+    for b in rng.sample(range(10), 10):
+        s = a + b
+        if rng.random() < 0.5:
+            lines.append(f"{a}+{b}={s % 10} (mod 10), because {a}+{b}={s} and {s} mod 10 is {s % 10}.")
+        else:
+            lines.append(f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[s % 10]} modulo ten.")
+    return "\n".join(lines)
+
+
+def _doc_chains(rng, split, k_min, k_max):
+    parts = []
+    for _ in range(rng.randint(2, 5)):
+        p = _random_problem(rng, ADD_TASK, k_min, k_max)
+        while problem_split(p) != split:    # rejection: ~1.25 draws for train, ~10 for val
+            p = _random_problem(rng, ADD_TASK, k_min, k_max)
+        style = rng.random()
+        if style < 0.5:
+            parts.append(f"To add {p['trace'].splitlines()[0]} modulo 10, reduce step by step:\n"
+                         f"{p['trace']}\nSo the sum is {p['answer']}.")
+        elif style < 0.8:
+            parts.append(f"{p['trace'].splitlines()[0]} = {p['answer']} (mod 10)")
+        else:
+            parts.append(" then ".join(p["trace"].splitlines()) + ".")
+    return "\n\n".join(parts)
+
+
+def _doc_words(rng):
+    parts = []
+    for _ in range(rng.randint(3, 6)):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 5))]
+        name, style = rng.choice(NAMES), rng.randrange(5)
+        if style == 0:
+            parts.append(f"{name} has a {words[0]} and a {words[-1]}.")
+        elif style == 1:
+            parts.append(f"The list {' '.join(words)} has {len(words)} words; the last one is "
+                         f"{words[-1]}.")
+        elif style == 2:
+            parts.append(f"{name} said: {' '.join(words)}. Then {name} said it again: "
+                         f"{' '.join(words)}.")
+        elif style == 3:
+            parts.append("Items:\n" + "\n".join(f"- {w}" for w in words))
+        else:
+            n = rng.randrange(990)
+            parts.append(f"Counting: {', '.join(str(n + i) for i in range(rng.randint(3, 8)))}.")
+    return "\n".join(parts)
+
+
+def build_pretrain_corpus(n_docs, seed, split="train", k_min=2, k_max=8):
+    """n_docs plain-text documents: addition tables, chains reduced step by step (only problems of
+    `split`, so no val/test problem leaks into pretraining), and sentences over the word vocabulary."""
+    if split not in SPLIT_FRACTIONS:
+        raise ValueError(f"split must be one of {list(SPLIT_FRACTIONS)}, got {split!r}")
+    rng = random.Random(f"pretrain/{seed}/{split}")
+    docs = []
+    for _ in range(n_docs):
+        kind = rng.random()
+        if kind < 0.2:
+            docs.append(_doc_table(rng))
+        elif kind < 0.65:
+            docs.append(_doc_chains(rng, split, k_min, k_max))
+        else:
+            docs.append(_doc_words(rng))
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# Token shards: one flat array of ids per shard; every document starts with bos_id, so document
+# boundaries are recoverable (for document-masked attention) without a separate offsets file.
+
+def dtype_for_vocab(n_vocab):
+    return np.dtype(np.uint16) if n_vocab <= 2 ** 16 else np.dtype(np.uint32)
+
+
+def write_token_shards(doc_token_lists, folder, dtype, bos_id, shard_tokens=50_000_000):
+    """Write docs (lists of ids, each starting with bos_id) to folder/shard_XXX.bin + index.json
+    ({"dtype", "n_tokens", "n_docs", "bos_id", "shards": [{"file", "n_tokens"}]})."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.uint16, np.uint32):
+        raise ValueError(f"dtype must be uint16 or uint32, got {dtype}")
+    limit = np.iinfo(dtype).max
+    os.makedirs(folder, exist_ok=True)
+    shards, buf, n_buf, n_docs, n_tokens = [], [], 0, 0, 0
+
+    def flush():
+        nonlocal buf, n_buf
+        if not n_buf:
+            return
+        name = f"shard_{len(shards):03d}.bin"
+        np.concatenate(buf).astype(dtype).tofile(os.path.join(folder, name))
+        shards.append({"file": name, "n_tokens": int(n_buf)})
+        buf, n_buf = [], 0
+    for i, doc in enumerate(doc_token_lists):
+        arr = np.asarray(doc, dtype=np.int64)
+        if arr.ndim != 1 or len(arr) == 0 or arr[0] != bos_id:
+            raise ValueError(f"document {i} must be a non-empty list of ids starting with "
+                             f"bos_id={bos_id}")
+        if arr.min() < 0 or arr.max() > limit:
+            raise ValueError(f"document {i}: id {int(arr.max())} does not fit {dtype}")
+        buf.append(arr)
+        n_buf += len(arr)
+        n_docs += 1
+        n_tokens += len(arr)
+        if n_buf >= shard_tokens:
+            flush()
+    flush()
+    index = {"dtype": dtype.name, "n_tokens": n_tokens, "n_docs": n_docs, "bos_id": int(bos_id),
+             "shards": shards}
+    with open(os.path.join(folder, "index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return index
+
+
+def load_token_shards(folder, n_vocab=None):
+    """folder written by write_token_shards -> 1-D array of ids (a read-only np.memmap for one
+    shard, a concatenated array for several). Checks dtype, file sizes, the leading bos_id and,
+    given n_vocab, that every id is below it."""
+    path = os.path.join(folder, "index.json")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no shard index (write it with write_token_shards)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    for key in ("dtype", "n_tokens", "bos_id", "shards"):
+        if key not in index:
+            raise DataError(f"{path}: missing field {key!r}")
+    if index["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path}: dtype must be uint16 or uint32, got {index['dtype']!r}")
+    dtype = np.dtype(index["dtype"])
+    if n_vocab is not None and dtype_for_vocab(n_vocab).itemsize > dtype.itemsize:
+        raise DataError(f"{path}: dtype {dtype} cannot hold a vocabulary of {n_vocab}")
+    arrays = []
+    for s in index["shards"]:
+        fp = os.path.join(folder, s["file"])
+        size = os.path.getsize(fp)
+        if size != s["n_tokens"] * dtype.itemsize:
+            raise DataError(f"{fp}: {size} bytes, index.json says {s['n_tokens']} x {dtype}")
+        arrays.append(np.memmap(fp, dtype=dtype, mode="r"))
+    data = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    if len(data) != index["n_tokens"]:
+        raise DataError(f"{path}: shards hold {len(data)} tokens, n_tokens says {index['n_tokens']}")
+    if len(data) and data[0] != index["bos_id"]:
+        raise DataError(f"{path}: data does not start with bos_id={index['bos_id']}")
+    if n_vocab is not None and len(data) and int(data.max()) >= n_vocab:
+        raise DataError(f"{path}: id {int(data.max())} >= n_vocab={n_vocab}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL: SFT (Llama-Nemotron-Post-Training-Dataset schema) and RL prompts
+
+def write_jsonl(rows, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _read_jsonl(path):
+    """Yield (lineno, dict) for the non-blank lines of a JSONL file; errors name file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _field(row, key, types, path, lineno):
+    if key not in row:
+        raise DataError(f"{path}:{lineno}: missing field {key!r}")
+    if not isinstance(row[key], types):
+        raise DataError(f"{path}:{lineno}: field {key!r} has type {type(row[key]).__name__}")
+    return row[key]
+
+
+def sft_example(problem, reasoning, version="nano-1"):
+    """A problem + mode -> one row of the Llama-Nemotron-Post-Training-Dataset schema."""
+    return {"input": [{"role": "user", "content": problem["prompt"]}],
+            "output": problem_response(problem, reasoning),
+            "reasoning": reasoning,
+            "system_prompt": f"detailed thinking {reasoning}",
+            "category": "math" if problem["task"] == ADD_TASK else "chat",
+            "license": "generated", "generator": "data.py", "used_in_training": "yes",
+            "version": version, "task": problem["task"], "k": problem["k"]}
+
+
+def write_sft_jsonl(examples, path):
+    write_jsonl(examples, path)
+
+
+_MARKUP = regex.compile(r"<\|start_header_id\|>(.*?)<\|end_header_id\|>\n\n(.*?)(?=<\|eot_id\|>|"
+                        r"<\|start_header_id\|>|\Z)(?:<\|eot_id\|>)?", regex.S)
+
+
+def parse_chat_markup(text):
+    """A string with Llama 3 chat markup -> message list (an empty trailing assistant header, i.e. a
+    generation prompt, is dropped). A string without markup is one user message."""
+    if "<|start_header_id|>" not in text:
+        return [{"role": "user", "content": text}]
+    msgs = [{"role": m.group(1), "content": m.group(2)} for m in _MARKUP.finditer(text)]
+    if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"].strip():
+        msgs.pop()
+    return msgs
+
+
+def load_sft_jsonl(path, tokenizer=None, max_len=None):
+    """SFT JSONL (Llama-Nemotron-Post-Training-Dataset schema) -> list of examples:
+    {"messages": [system, user, (assistant, user)..., assistant(output)], "reasoning", "category",
+    "line"} plus "ids" and "mask" (render_chat) when a tokenizer is given. `input` may be a message
+    list or a string (plain, or carrying Llama 3 chat markup). The system turn is system_prompt,
+    else the markup's system message, else `detailed thinking {reasoning}`. With max_len, examples
+    longer than max_len tokens are skipped and counted in a warning, never truncated."""
+    if max_len is not None and tokenizer is None:
+        raise ValueError("max_len needs a tokenizer")
+    out, skipped, longest = [], 0, 0
+    for lineno, row in _read_jsonl(path):
+        inp = _field(row, "input", (str, list), path, lineno)
+        output = _field(row, "output", str, path, lineno)
+        reasoning = _field(row, "reasoning", str, path, lineno)
+        if reasoning not in ("on", "off"):
+            raise DataError(f"{path}:{lineno}: field 'reasoning' must be 'on' or 'off', got "
+                            f"{reasoning!r}")
+        system = row.get("system_prompt") or ""
+        if not isinstance(system, str):
+            raise DataError(f"{path}:{lineno}: field 'system_prompt' must be a string")
+        msgs = parse_chat_markup(inp) if isinstance(inp, str) else inp
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(f"{path}:{lineno}: input[{i}] needs fields 'role' and 'content'")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise DataError(f"{path}:{lineno}: input[{i}] has unknown role {m['role']!r}")
+        if msgs and msgs[0]["role"] == "system":
+            if system and msgs[0]["content"].strip() != system.strip():
+                raise DataError(f"{path}:{lineno}: system_prompt {system!r} differs from the "
+                                f"input's system message {msgs[0]['content']!r}")
+            system, msgs = msgs[0]["content"], msgs[1:]
+        if not msgs or msgs[-1]["role"] != "user":
+            raise DataError(f"{path}:{lineno}: field 'input' must end with a user turn")
+        if output.endswith("<|eot_id|>"):       # first-release rows may carry the closing token
+            output = output[:-len("<|eot_id|>")]
+        messages = ([{"role": "system", "content": system or f"detailed thinking {reasoning}"}]
+                    + [{"role": m["role"], "content": m["content"]} for m in msgs]
+                    + [{"role": "assistant", "content": output}])
+        ex = {"messages": messages, "reasoning": reasoning,
+              "category": row.get("category"), "line": lineno}
+        if tokenizer is not None:
+            try:
+                ex["ids"], ex["mask"] = tokenizer.render_chat(messages)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: {e}") from None
+            longest = max(longest, len(ex["ids"]))
+            if max_len is not None and len(ex["ids"]) > max_len:
+                skipped += 1
+                continue
+        out.append(ex)
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} of {skipped + len(out)} examples longer than "
+                      f"max_len={max_len} tokens (longest: {longest})", stacklevel=2)
+    return out
+
+
+def write_rl_jsonl(problems, path):
+    """RL prompts: {"prompt", "answer", "task", "k", ...} (+ optional "pass_rate"); the problem dicts
+    of generate_problems are written as they are (verify needs only "answer")."""
+    write_jsonl(problems, path)
+
+
+def load_rl_jsonl(path):
+    """RL prompt JSONL -> list of dicts; checks prompt/answer are strings, pass_rate in [0, 1]."""
+    out = []
+    for lineno, row in _read_jsonl(path):
+        _field(row, "prompt", str, path, lineno)
+        _field(row, "answer", str, path, lineno)
+        if "pass_rate" in row:
+            pr = row["pass_rate"]
+            if not isinstance(pr, (int, float)) or isinstance(pr, bool) or not 0 <= pr <= 1:
+                raise DataError(f"{path}:{lineno}: field 'pass_rate' must be a number in [0, 1], "
+                                f"got {pr!r}")
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# python data.py: prepare the default world
+
+@dataclass
+class DataConfig:
+    out_dir: str = "out/data"
+    seed: int = 1337
+    vocab_size: int = 768            # 256 bytes + 256 merges + 256 Llama 3 specials
+    tokenizer_chars: int = 600_000   # BPE training text; ~1-2 s of merges
+    pretrain_tokens: int = 2_000_000   # ~2-3 min at ~15k tok/s on 2 cores (design.md)
+    pretrain_val_tokens: int = 100_000
+    k_min: int = 2                   # chain lengths for training (k=2 is the addition table)
+    k_max: int = 8                   # k=8 was ~10% in the prototype: headroom for RL
+    eval_k_min: int = 3              # val/test chains; k=2 is only 100 problems, all in pretraining
+    sft_train: int = 20_000          # SFT rows; each prompt appears in "on" and "off" mode
+    sft_val: int = 1_000
+    chat_frac: float = 0.25          # share of chat-style prompts in SFT
+    rl_train: int = 4_000            # addmod10 prompts for GRPO
+    val_per_k: int = 30              # unique val problems per k (k=3 has ~100 in each split)
+    test_per_k: int = 50
+    test_chat: int = 200
+
+
+def parse_overrides(cfg, argv):
+    """--key=value overrides of a dataclass config; values parsed as the default's type."""
+    valid = {f.name: f for f in fields(cfg)}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print("keys: " + ", ".join(f"--{k}={getattr(cfg, k)!r}" for k in valid))
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: expected --key=value")
+        key, val = arg[2:].split("=", 1)
+        if key not in valid:
+            raise SystemExit(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+        typ = type(getattr(cfg, key))
+        try:
+            if typ is bool:
+                if val.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(val)
+                parsed = val.lower() in ("true", "1")
+            else:
+                parsed = typ(float(val)) if typ is int and "e" in val.lower() else typ(val)
+        except ValueError:
+            raise SystemExit(f"--{key}: cannot parse {val!r} as {typ.__name__}") from None
+        setattr(cfg, key, parsed)
+    return cfg
+
+
+def _sft_rows(n, split, seed, cfg):
+    n_prompts = n // 2
+    n_chat = round(n_prompts * cfg.chat_frac)
+    probs = (generate_problems(ADD_TASK, split, n_prompts - n_chat, seed, cfg.k_min, cfg.k_max)
+             + generate_problems("chat", split, n_chat, seed))
+    rows = [sft_example(p, mode) for p in probs for mode in ("on", "off")]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def prepare(cfg):
+    t0 = time.time()
+    out = cfg.out_dir
+    os.makedirs(out, exist_ok=True)
+    # 1. tokenizer, trained on pretraining text + SFT text (so the chat strings get merges too)
+    sample_docs = build_pretrain_corpus(400, cfg.seed + 7, "train", cfg.k_min, cfg.k_max)
+    # role names and system prompts as the template lays them out, so they get merges too
+    sample_sft = [f"system\n\n{r['system_prompt']}\nuser\n\n{r['input'][0]['content']}\n"
+                  f"assistant\n\n{r['output']}" for r in _sft_rows(2000, "train", cfg.seed + 7, cfg)]
+    text = "\n\n".join(sample_docs + sample_sft)
+    tok = train_tokenizer(text[:cfg.tokenizer_chars], cfg.vocab_size, out)
+    print(f"tokenizer: {tok.n_ranks} ranks + {len(tok.special_tokens)} specials = {tok.n_vocab} "
+          f"-> {out}/tokenizer.model ({len(text[:cfg.tokenizer_chars]) / len(tok.encode(text[:cfg.tokenizer_chars])):.2f} chars/token)")
+    # 2. pretraining shards: generate documents until the token budget is met
+    sizes = {}
+    for split, split_name, budget in (("train", "pretrain_train", cfg.pretrain_tokens),
+                                      ("val", "pretrain_val", cfg.pretrain_val_tokens)):
+        docs, n_tok, batch = [], 0, 0
+        bar = tqdm(total=budget, desc=split_name, unit="tok", leave=False)
+        while n_tok < budget:
+            texts = build_pretrain_corpus(500, cfg.seed * 1000 + batch, split, cfg.k_min, cfg.k_max)
+            for ids in tok.encode_batch(texts):
+                docs.append([tok.bos_id] + ids)
+                n_tok += len(ids) + 1
+                bar.update(len(ids) + 1)
+                if n_tok >= budget:
+                    break
+            batch += 1
+        bar.close()
+        idx = write_token_shards(docs, os.path.join(out, split_name), dtype_for_vocab(tok.n_vocab),
+                                 tok.bos_id)
+        sizes[split_name] = {"tokens": idx["n_tokens"], "docs": idx["n_docs"]}
+    # 3. SFT, RL, val/test problems
+    for name, n, split in (("sft_train", cfg.sft_train, "train"), ("sft_val", cfg.sft_val, "val")):
+        rows = _sft_rows(n, split, cfg.seed, cfg)
+        write_sft_jsonl(rows, os.path.join(out, f"{name}.jsonl"))
+        n_tok = sum(len(tok.render_chat([{"role": "system", "content": r["system_prompt"]}]
+                                        + r["input"] + [{"role": "assistant",
+                                                         "content": r["output"]}])[0]) for r in rows)
+        sizes[name] = {"rows": len(rows), "tokens": n_tok}
+    rl = generate_problems(ADD_TASK, "train", cfg.rl_train, cfg.seed + 2, cfg.k_min, cfg.k_max)
+    write_rl_jsonl(rl, os.path.join(out, "rl_train.jsonl"))
+    sizes["rl_train"] = {"rows": len(rl)}
+    for split, per_k in (("val", cfg.val_per_k), ("test", cfg.test_per_k)):
+        probs = []
+        for k in range(cfg.eval_k_min, cfg.k_max + 1):
+            probs += generate_problems(ADD_TASK, split, per_k, cfg.seed + 3, k, k, unique=True)
+        probs += generate_problems("chat", split, cfg.test_chat if split == "test" else per_k * 4,
+                                   cfg.seed + 3, unique=True)
+        write_rl_jsonl(probs, os.path.join(out, f"{split}_problems.jsonl"))
+        sizes[f"{split}_problems"] = {"rows": len(probs)}
+    with open(os.path.join(out, "data_meta.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "sizes": sizes, "n_vocab": tok.n_vocab}, f, indent=1)
+    for name, s in sizes.items():
+        print(f"{name:16s} " + ", ".join(f"{v:,} {k}" for k, v in s.items()))
+    print(f"done in {time.time() - t0:.1f} s -> {out}/")
+    return sizes
+
+
+if __name__ == "__main__":
+    prepare(parse_overrides(DataConfig(), sys.argv[1:]))
