@@ -147,7 +147,11 @@ class Tokenizer:
 
     def decode(self, ids):
         """ids -> str; special ids decode to their names, broken UTF-8 to U+FFFD."""
-        return self.enc.decode([int(i) for i in ids], errors="replace")
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary (n_vocab={self.n_vocab})")
+        return self.enc.decode(ids, errors="replace")
 
     def _header(self, role):
         if role not in self._headers:
@@ -172,9 +176,9 @@ class Tokenizer:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
-        system = None
+        system, offset = None, 0
         if msgs and msgs[0]["role"] == "system":
-            system, msgs = msgs[0]["content"].strip(), msgs[1:]
+            system, msgs, offset = msgs[0]["content"].strip(), msgs[1:], 1
         if reasoning is not None:
             want = f"detailed thinking {reasoning}"
             if system is not None and system != want:
@@ -189,8 +193,8 @@ class Tokenizer:
         for i, m in enumerate(msgs):
             role, content = m["role"], m["content"]
             if role not in ("user", "assistant"):
-                raise ValueError(f"message {i + (system is not None and messages[0]['role'] == 'system')}:"
-                                 f" role must be user or assistant here, got {role!r}")
+                raise ValueError(f"message {i + offset}: role must be user or assistant here "
+                                 f"(system only first), got {role!r}")
             if role == "assistant" and i < len(msgs) - 1 and THINK_END in content:
                 content = content.split(THINK_END)[-1]     # history keeps only the answer
             add(self._header(role), 0)
@@ -286,8 +290,9 @@ def load_tokenizer(path):
 
 
 def train_tokenizer(text, vocab_size, out_path, pattern=LLAMA3_PATTERN, progress=True):
-    """Train a byte-level BPE on text; save it to out_path (a folder: tokenizer.model +
-    tokenizer_meta.json) and return the Tokenizer. vocab_size counts everything: 256 byte tokens,
+    """Train a byte-level BPE on text; save it to out_path (a folder that gets tokenizer.model +
+    tokenizer_meta.json, or a path ending in .model with the sidecar beside it) and return the
+    Tokenizer. vocab_size counts everything: 256 byte tokens,
     the merges, and the 256 Llama 3 special tokens (so ids of specials are n_ranks + i as for
     Llama 3). Classic BPE: split text with the pattern, count chunks, repeatedly merge the most
     frequent adjacent pair (ties: the smallest pair of ids, for determinism)."""
@@ -340,7 +345,13 @@ def train_tokenizer(text, vocab_size, out_path, pattern=LLAMA3_PATTERN, progress
     bar.close()
     specials = {t: n_ranks + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
     tok = Tokenizer(ranks, specials, pattern, name="tokenizer.model")
-    tok.save(out_path)
+    if out_path.endswith(".model"):            # a file path: the sidecar goes beside it
+        folder = os.path.dirname(out_path) or "."
+        tok.save(folder)
+        if os.path.abspath(out_path) != os.path.abspath(os.path.join(folder, "tokenizer.model")):
+            os.replace(os.path.join(folder, "tokenizer.model"), out_path)
+    else:
+        tok.save(out_path)
     return tok
 
 
@@ -507,19 +518,15 @@ def _normalise(text):
 
 
 def extract_answer(response_text):
-    """The answer part of a response: after </think> if present; None for an unclosed <think>;
-    otherwise the whole response (off mode)."""
-    reasoning, answer = split_reasoning(response_text)
-    if reasoning is not None and THINK_END not in response_text:
-        return None
-    return answer
+    """The answer part of a response: after </think> if present; "" for an unclosed <think> (a cut
+    off generation has no answer); otherwise the whole response (off mode)."""
+    return split_reasoning(response_text)[1]
 
 
 def verify(problem, response_text):
     """True iff the response's answer equals the problem's answer, up to whitespace. Needs only
     problem['answer'] (any task, also RL JSONL rows)."""
-    answer = extract_answer(response_text)
-    return answer is not None and _normalise(answer) == _normalise(str(problem["answer"]))
+    return _normalise(extract_answer(response_text)) == _normalise(str(problem["answer"]))
 
 
 def problem_response(problem, reasoning):
@@ -610,9 +617,10 @@ def dtype_for_vocab(n_vocab):
     return np.dtype(np.uint16) if n_vocab <= 2 ** 16 else np.dtype(np.uint32)
 
 
-def write_token_shards(doc_token_lists, folder, dtype, bos_id, shard_tokens=50_000_000):
-    """Write docs (lists of ids, each starting with bos_id) to folder/shard_XXX.bin + index.json
-    ({"dtype", "n_tokens", "n_docs", "bos_id", "shards": [{"file", "n_tokens"}]})."""
+def write_token_shards(doc_token_lists, folder, dtype, bos_id=None, shard_tokens=50_000_000):
+    """Write docs (lists of ids, each starting with bos_id; None: the first doc's first id) to
+    folder/shard_XXX.bin + index.json ({"dtype", "n_tokens", "n_docs", "bos_id", "shards":
+    [{"file", "n_tokens"}]}). dtype: dtype_for_vocab(n_vocab), uint16 below 65,536 ids."""
     dtype = np.dtype(dtype)
     if dtype not in (np.uint16, np.uint32):
         raise ValueError(f"dtype must be uint16 or uint32, got {dtype}")
@@ -630,6 +638,8 @@ def write_token_shards(doc_token_lists, folder, dtype, bos_id, shard_tokens=50_0
         buf, n_buf = [], 0
     for i, doc in enumerate(doc_token_lists):
         arr = np.asarray(doc, dtype=np.int64)
+        if bos_id is None and arr.ndim == 1 and len(arr):
+            bos_id = int(arr[0])
         if arr.ndim != 1 or len(arr) == 0 or arr[0] != bos_id:
             raise ValueError(f"document {i} must be a non-empty list of ids starting with "
                              f"bos_id={bos_id}")
@@ -642,6 +652,8 @@ def write_token_shards(doc_token_lists, folder, dtype, bos_id, shard_tokens=50_0
         if n_buf >= shard_tokens:
             flush()
     flush()
+    if not n_docs:
+        raise ValueError("no documents to write")
     index = {"dtype": dtype.name, "n_tokens": n_tokens, "n_docs": n_docs, "bos_id": int(bos_id),
              "shards": shards}
     with open(os.path.join(folder, "index.json"), "w") as f:
@@ -773,6 +785,8 @@ def load_sft_jsonl(path, tokenizer=None, max_len=None):
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise DataError(f"{path}:{lineno}: input[{i}] needs fields 'role' and 'content'")
+            if not isinstance(m["content"], str):
+                raise DataError(f"{path}:{lineno}: input[{i}] field 'content' must be a string")
             if m["role"] not in ("system", "user", "assistant"):
                 raise DataError(f"{path}:{lineno}: input[{i}] has unknown role {m['role']!r}")
         if msgs and msgs[0]["role"] == "system":

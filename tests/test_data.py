@@ -95,6 +95,8 @@ def test_byte_level_file_default_specials(tmp_path):
     assert tok.n_vocab == 512 and tok.bos_id == 256 and tok.eot_id == 265 and tok.pad_id == 260
     assert tok.stop_ids == [257, 264, 265]
     assert tok.encode("hé") == [104, 0xC3, 0xA9]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([104, 512])
 
 
 def test_hf_tokenizer_config_gives_specials(tmp_path):
@@ -156,6 +158,8 @@ def test_trainer_deterministic_and_rejects_tiny_vocab(tmp_path):
         data.train_tokenizer("abc", 400, str(tmp_path / "c"), progress=False)
     with pytest.raises(ValueError, match="corpus too small"):
         data.train_tokenizer("ab ab", 600, str(tmp_path / "d"), progress=False)
+    data.train_tokenizer(CORPUS[:20000], 560, str(tmp_path / "e" / "small.model"), progress=False)
+    assert data.load_tokenizer(str(tmp_path / "e" / "small.model")).mergeable_ranks == a.mergeable_ranks
 
 
 # ---------------------------------------------------------------------------- chat template
@@ -212,6 +216,8 @@ def test_split_reasoning_and_format():
     assert not data.check_format("7", "on")
     assert not data.check_format("<think>r</think><think>r</think>7", "on")
     assert not data.check_format("<think>\nr\n</think>\n\n", "on")
+    assert not data.check_format("<think>\nr\n</think>\n\n7</think>", "on")
+    assert data.extract_answer("<think>\n7") == "" and data.extract_answer(" 7\n") == "7"
     assert data.check_format("7", "off") and not data.check_format("<think>r</think>7", "off")
 
 
@@ -295,12 +301,12 @@ def test_token_shards_roundtrip_and_checks(tmp_path):
     with pytest.raises(data.DataError, match="cannot hold"):
         data.load_token_shards(str(tmp_path / "a"), n_vocab=128256)
     assert data.dtype_for_vocab(768) == np.uint16 and data.dtype_for_vocab(128256) == np.uint32
-    data.write_token_shards([[128000, 128255]], str(tmp_path / "b"), np.uint32, bos_id=128000)
+    data.write_token_shards([[128000, 128255]], str(tmp_path / "b"), np.uint32)   # bos inferred
     assert data.load_token_shards(str(tmp_path / "b")).tolist() == [128000, 128255]
     with pytest.raises(ValueError, match="does not fit"):
         data.write_token_shards([[7, 70000]], str(tmp_path / "c"), np.uint16, bos_id=7)
     with pytest.raises(ValueError, match="document 1"):
-        data.write_token_shards([[7, 1], [1, 7]], str(tmp_path / "c"), np.uint16, bos_id=7)
+        data.write_token_shards([[7, 1], [1, 7]], str(tmp_path / "c"), np.uint16)
     with open(tmp_path / "a" / "shard_000.bin", "ab") as f:
         f.write(b"\0\0")
     with pytest.raises(data.DataError, match="shard_000.bin"):
@@ -356,6 +362,10 @@ def test_sft_jsonl_errors_and_max_len(tmp_path, small_tok):
         data.load_sft_jsonl(str(p))
     p.write_text(json.dumps({"input": [{"role": "user"}], "output": "o", "reasoning": "on"}) + "\n")
     with pytest.raises(data.DataError, match=r":1: input\[0\] needs fields"):
+        data.load_sft_jsonl(str(p))
+    p.write_text(json.dumps({"input": [{"role": "user", "content": 3}], "output": "o",
+                             "reasoning": "on"}) + "\n")
+    with pytest.raises(data.DataError, match=r":1: input\[0\] field 'content'"):
         data.load_sft_jsonl(str(p))
     p.write_text("\n".join([short, good, good, short]) + "\n")
     n_short = len(data.load_sft_jsonl(str(p), tokenizer=tok)[0]["ids"])
