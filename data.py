@@ -3,12 +3,12 @@ data.py: the data layer of the Llama-Nemotron recipe (arXiv 2505.00949).
 
     tokenizer    Llama 3's tiktoken BPE (`tokenizer.model`, 128,000 ranks + 256 special tokens), or a
                  small byte-level BPE trained here for the offline default world, in the same format.
-    chat         the Llama-Nemotron chat template with the reasoning toggle (paper section 4.1:
+    chat         the Llama-Nemotron chat template with the reasoning toggle (the paper's SFT:
                  system prompt `detailed thinking on|off`, `<think>...</think>` before the answer in
                  "on" mode), rendered to (ids, loss mask) in one function.
     tasks        verifiable tasks with graded difficulty: chains of k single-digit additions mod 10
                  (reasoning helps: see ../shared/notes/design.md), plus short chat-style tasks for
-                 "off" mode; a programmatic verifier stands in for the paper's LLM judge (section 5).
+                 "off" mode; a programmatic verifier stands in for the RL stage's LLM judge.
                  Splits are fixed by hashing each problem's text, so no problem is in two splits.
     files        pretraining token shards (uint16/uint32), SFT JSONL in the
                  Llama-Nemotron-Post-Training-Dataset schema, RL prompt JSONL.
@@ -17,13 +17,12 @@ Run:   python data.py [--key=value ...]        (python data.py --help lists the 
 Reads: nothing (the default world is generated).
 Writes out/data/: tokenizer.model + tokenizer_meta.json, pretrain_train/ and pretrain_val/ (token
        shards + index.json), sft_train.jsonl, sft_val.jsonl, rl_train.jsonl, val_problems.jsonl,
-       test_problems.jsonl, data_meta.json.  About 10-20 s on 2 CPU cores.
+       test_problems.jsonl, data_meta.json.  About 3 s on 2 CPU cores (default sizes).
 """
 import base64
 import binascii
 import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -384,7 +383,7 @@ def format_response(reasoning_text, answer, reasoning):
 
 
 def check_format(response_text, reasoning):
-    """Format reward of the paper's RL (section 5): "on" needs exactly one <think>...</think> block
+    """Format reward of the paper's reasoning RL: "on" needs exactly one <think>...</think> block
     at the start and a non-empty answer after it; "off" needs no think tags at all."""
     text = response_text.strip()
     if reasoning == "on":
@@ -908,10 +907,11 @@ def prepare(cfg):
     # role names and system prompts as the template lays them out, so they get merges too
     sample_sft = [f"system\n\n{r['system_prompt']}\nuser\n\n{r['input'][0]['content']}\n"
                   f"assistant\n\n{r['output']}" for r in _sft_rows(2000, "train", cfg.seed + 7, cfg)]
-    text = "\n\n".join(sample_docs + sample_sft)
-    tok = train_tokenizer(text[:cfg.tokenizer_chars], cfg.vocab_size, out)
+    text = "\n\n".join(sample_docs + sample_sft)      # ~120k + ~170k chars
+    text = text[:cfg.tokenizer_chars]
+    tok = train_tokenizer(text, cfg.vocab_size, out)
     print(f"tokenizer: {tok.n_ranks} ranks + {len(tok.special_tokens)} specials = {tok.n_vocab} "
-          f"-> {out}/tokenizer.model ({len(text[:cfg.tokenizer_chars]) / len(tok.encode(text[:cfg.tokenizer_chars])):.2f} chars/token)")
+          f"-> {out}/tokenizer.model ({len(text) / len(tok.encode(text)):.2f} chars/token)")
     # 2. pretraining shards: generate documents until the token budget is met
     sizes = {}
     for split, split_name, budget in (("train", "pretrain_train", cfg.pretrain_tokens),
