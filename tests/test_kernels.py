@@ -1,0 +1,355 @@
+"""
+Tests for kernels.py: every Triton kernel (forward and backward) against its PyTorch reference.
+
+On a CPU-only machine tests/conftest.py sets TRITON_INTERPRET=1, so the kernels run in Triton's
+interpreter here; on a GPU the same tests run the compiled kernels. Shapes are odd on purpose
+(T in {1, 17, 67, 129} against 16/32-wide blocks: ragged tails, several loop iterations), the
+reference runs in float64, and the mutation tests below plant bugs in a copy of kernels.py to show
+these tolerances catch them.
+
+    python -m pytest -q tests/test_kernels.py        (~1-2 min on 2 CPU cores)
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(
+    DEV == "cpu" and not kernels.INTERPRET,
+    reason="Triton kernels on CPU need TRITON_INTERPRET=1 before import (tests/conftest.py sets it)")
+
+FP32_TOL = dict(atol=2e-5, rtol=2e-5)    # observed errors vs float64: ~1e-6
+FP16_TOL = dict(atol=1e-2, rtol=1e-2)    # fp16 inputs / P cast to fp16 before P @ V: ~1e-3
+
+
+def _doc_ids(kind, B, T, gen):
+    if kind is None:
+        return None
+    if kind == "packed":   # contiguous documents of random lengths, as the data loader packs them
+        starts = torch.rand(B, T, generator=gen) < 0.08
+        return torch.cumsum(starts.long(), dim=1)
+    if kind == "scattered":  # the same id may reappear later: the mask is by equality, not by span
+        return torch.randint(0, 3, (B, T), generator=gen)
+    raise ValueError(kind)
+
+
+def _calls(mod, name):
+    return mod.TRITON_CALLS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Check functions, shared by the plain tests and by the mutation tests.
+
+def check_attention(mod, B, Hq, Hkv, T, D, causal, doc, dtype=torch.float32, layout="bhtd", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(H):
+        if layout == "bthd":  # (B, T, H, D) transposed to (B, H, T, D): how a model often holds it
+            return torch.randn(B, T, H, D, generator=gen).transpose(1, 2)
+        return torch.randn(B, H, T, D, generator=gen)
+
+    q64, k64, v64 = make(Hq).double(), make(Hkv).double(), make(Hkv).double()
+    do64 = torch.randn(B, Hq, T, D, generator=gen).double()
+    doc_ids = _doc_ids(doc, B, T, gen)
+    q, k, v = (t.to(DEV, dtype).requires_grad_() for t in (q64, k64, v64))
+    fwd0, bwd0 = _calls(mod, "attention_fwd"), _calls(mod, "attention_bwd")
+    with mod.backend("triton"):
+        o = mod.attention(q, k, v, causal=causal, doc_ids=None if doc_ids is None else doc_ids.to(DEV))
+        grads = torch.autograd.grad(o, (q, k, v), do64.to(DEV, dtype))
+    assert (_calls(mod, "attention_fwd"), _calls(mod, "attention_bwd")) == (fwd0 + 1, bwd0 + 1), \
+        "the Triton path did not run"
+    q64, k64, v64 = (t.requires_grad_() for t in (q64, k64, v64))
+    ref = kernels.attention_ref(q64, k64, v64, causal, doc_ids)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do64)
+    tol = FP32_TOL if dtype == torch.float32 else FP16_TOL
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (o, *grads), (ref, *ref_grads)):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        torch.testing.assert_close(got.double().cpu(), want, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def check_decode(mod, B, Hq, Hkv, S, D, end_as_int=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, 1, D, generator=gen).double()
+    kc, vc = torch.randn(2, B, Hkv, S, D, generator=gen).double()
+    kv_end = max(1, S - 3)
+    kv_start = torch.randint(0, kv_end, (B,), generator=gen)
+    calls = _calls(mod, "decode_attention")
+    with mod.backend("triton"):
+        o = mod.decode_attention(q.float().to(DEV), kc.float().to(DEV), vc.float().to(DEV), kv_start.to(DEV),
+                                 kv_end if end_as_int else torch.tensor(kv_end, device=DEV))
+    assert _calls(mod, "decode_attention") == calls + 1, "the Triton path did not run"
+    ref = kernels.decode_attention_ref(q, kc, vc, kv_start, torch.tensor(kv_end))
+    torch.testing.assert_close(o.double().cpu(), ref, **FP32_TOL)
+
+
+def check_swiglu(mod, lead, H, inter, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, H, generator=gen).double()
+    ws = [torch.randn(inter, H, generator=gen).double() / H ** 0.5,
+          torch.randn(inter, H, generator=gen).double() / H ** 0.5,
+          torch.randn(H, inter, generator=gen).double() / inter ** 0.5]
+    dy = torch.randn(*lead, H, generator=gen).double()
+    args = [t.float().to(DEV).requires_grad_() for t in (x, *ws)]
+    calls = (_calls(mod, "swiglu_fwd"), _calls(mod, "swiglu_bwd"))
+    with mod.backend("triton"):
+        y = mod.swiglu_ffn(*args)
+        grads = torch.autograd.grad(y, args, dy.float().to(DEV))
+    assert (_calls(mod, "swiglu_fwd"), _calls(mod, "swiglu_bwd")) == (calls[0] + 1, calls[1] + 1)
+    ref_args = [t.requires_grad_() for t in (x, *ws)]
+    ref = kernels.swiglu_ffn_ref(*ref_args)
+    ref_grads = torch.autograd.grad(ref, ref_args, dy)
+    for name, got, want in zip(("y", "dx", "dw_gate", "dw_up", "dw_down"), (y, *grads), (ref, *ref_grads)):
+        torch.testing.assert_close(got.double().cpu(), want, atol=5e-5, rtol=5e-5, msg=lambda m: f"{name}: {m}")
+
+
+def check_rms(mod, lead, N, eps=1e-5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*lead, N, generator=gen) * 3).double()
+    w = (1 + 0.1 * torch.randn(N, generator=gen)).double()
+    dy = torch.randn(*lead, N, generator=gen).double()
+    args = [t.float().to(DEV).requires_grad_() for t in (x, w)]
+    calls = (_calls(mod, "rms_norm_fwd"), _calls(mod, "rms_norm_bwd"))
+    with mod.backend("triton"):
+        y = mod.rms_norm(*args, eps)
+        grads = torch.autograd.grad(y, args, dy.float().to(DEV))
+    assert (_calls(mod, "rms_norm_fwd"), _calls(mod, "rms_norm_bwd")) == (calls[0] + 1, calls[1] + 1)
+    ref_args = [t.requires_grad_() for t in (x, w)]
+    ref = kernels.rms_norm_ref(*ref_args, eps)
+    ref_grads = torch.autograd.grad(ref, ref_args, dy)
+    for name, got, want in zip(("y", "dx", "dw"), (y, *grads), (ref, *ref_grads)):
+        torch.testing.assert_close(got.double().cpu(), want, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention: outputs and dq, dk, dv on odd shapes, GQA groups 1/2/4, with and without documents.
+
+ATTN_CASES = [  # (B, Hq, Hkv, T, D, causal, doc_ids)
+    (1, 4, 1, 1, 32, True, None),
+    (2, 4, 2, 17, 32, True, None),
+    (3, 4, 4, 67, 32, True, "packed"),
+    (1, 4, 2, 129, 32, True, "packed"),
+    (2, 4, 1, 129, 64, True, None),
+    (2, 4, 2, 67, 32, False, None),
+    (1, 4, 4, 129, 32, False, "packed"),
+    (3, 4, 1, 17, 64, False, "scattered"),
+    (2, 4, 2, 67, 64, True, "scattered"),
+    (1, 4, 2, 1, 32, False, "packed"),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,causal,doc", ATTN_CASES)
+def test_attention_matches_reference(B, Hq, Hkv, T, D, causal, doc):
+    check_attention(kernels, B, Hq, Hkv, T, D, causal, doc)
+
+
+def test_attention_strided_input_layout():
+    # q/k/v as transposed (B, T, H, D) views: the kernel follows strides instead of copying.
+    check_attention(kernels, 2, 4, 2, 67, 32, True, "packed", layout="bthd")
+
+
+@pytest.mark.parametrize("blocks", [dict(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16)),
+                                    dict(fwd=(64, 32), dkdv=(32, 64), dq=(64, 64))])
+def test_attention_other_block_sizes(monkeypatch, blocks):
+    # Square tiles, and tiles larger than T = 17 / spanning the ragged tail of T = 67.
+    for name, (bm, bn) in blocks.items():
+        key = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dq": "attn_bwd_dq"}[name]
+        monkeypatch.setitem(kernels.INTERPRETER_BLOCKS, key, dict(BLOCK_M=bm, BLOCK_N=bn))
+    check_attention(kernels, 2, 4, 2, 67, 32, True, "packed")
+    check_attention(kernels, 1, 4, 4, 17, 32, False, None)
+
+
+def test_attention_fp16():
+    # 16-bit inputs, fp32 accumulation (bf16 cannot run in the interpreter; see test below).
+    check_attention(kernels, 2, 4, 2, 67, 64, True, "packed", dtype=torch.float16)
+
+
+@pytest.mark.skipif(DEV == "cpu", reason="bf16 needs a GPU (the interpreter has no bf16)")
+def test_attention_bf16_gpu():
+    check_attention(kernels, 2, 4, 2, 129, 128, True, "packed", dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode, SwiGLU, RMSNorm.
+
+@pytest.mark.parametrize("B,Hq,Hkv,S,D,end_as_int", [(3, 4, 2, 67, 32, False), (1, 4, 1, 129, 64, True),
+                                                      (2, 4, 4, 17, 32, False), (2, 4, 1, 1, 32, True)])
+def test_decode_attention_matches_reference(B, Hq, Hkv, S, D, end_as_int):
+    check_decode(kernels, B, Hq, Hkv, S, D, end_as_int)
+
+
+def test_decode_equals_last_row_of_causal_attention():
+    # Generation consistency: decoding position T-1 against the cache of a prefill gives the same
+    # vector as the last row of full causal attention.
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4 if i == 0 else 2, 37, 32, generator=gen).to(DEV) for i in range(3))
+    with kernels.backend("triton"):
+        full = kernels.attention(q, k, v, causal=True)
+        last = kernels.decode_attention(q[:, :, -1:], k, v, torch.zeros(2, dtype=torch.long, device=DEV), 37)
+    torch.testing.assert_close(last, full[:, :, -1:], **FP32_TOL)
+
+
+@pytest.mark.parametrize("lead,H,inter", [((3, 17), 48, 136), ((1, 1), 40, 72), ((2, 67), 96, 200)])
+def test_swiglu_ffn_matches_reference(lead, H, inter):
+    check_swiglu(kernels, lead, H, inter)
+
+
+def test_swiglu_ffn_saves_no_intermediate_activations():
+    # Memory-lean backward: autograd keeps x and the weights, nothing of size tokens x intermediate
+    # (the eager reference keeps gate, up, silu(gate) and h: 4 such tensors).
+    x = torch.randn(2, 17, 48, device=DEV, requires_grad=True)
+    ws = [torch.randn(*s, device=DEV, requires_grad=True) for s in ((136, 48), (136, 48), (48, 136))]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        with kernels.backend("triton"):
+            kernels.swiglu_ffn(x, *ws)
+        n_triton = len(saved)
+        big_triton = [s for s in saved if 136 in s and s != (136, 48) and s != (48, 136)]
+        kernels.swiglu_ffn_ref(x, *ws)
+    big_ref = [s for s in saved[n_triton:] if 136 in s and s != (136, 48) and s != (48, 136)]
+    assert big_triton == [], big_triton
+    assert len(big_ref) >= 3    # the check would see activations if they were saved
+
+
+@pytest.mark.parametrize("lead,N", [((3, 17), 48), ((1, 1), 40), ((2, 67), 200), ((5,), 1000)])
+def test_rms_norm_matches_reference(lead, N):
+    check_rms(kernels, lead, N)
+
+
+def test_rms_norm_fp16_input_fp32_weight():
+    # Same dtype promotion as the reference: fp16 activations times an fp32 weight give fp32.
+    x = torch.randn(3, 17, 48, device=DEV).half()
+    w = torch.rand(48, device=DEV) + 0.5
+    with kernels.backend("triton"):
+        y = kernels.rms_norm(x, w, 1e-6)
+    ref = kernels.rms_norm_ref(x, w, 1e-6)
+    assert y.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planted bugs: each mutant of kernels.py must fail the same check the real kernels pass.
+
+def _function_span(src, name):
+    start = src.index(f"def {name}(")
+    end = src.find("\n@triton.jit", start)
+    end = src.find("\ndef ", start + 1) if end == -1 else min(end, src.find("\ndef ", start + 1))
+    return start, end
+
+
+MUTANTS = [  # (function, original text, planted bug, check that must catch it)
+    ("_attn_fwd_loop", "offs_n[None, :] <= offs_m[:, None]", "offs_n[None, :] < offs_m[:, None]",
+     lambda m: check_attention(m, 1, 4, 2, 17, 32, True, None)),
+    ("_attn_fwd_body", "hk = (h // GROUP)", "hk = (h % GROUP)",
+     lambda m: check_attention(m, 1, 4, 2, 17, 32, True, None)),
+    ("_attn_fwd_body", "full_hi = (T // BLOCK_N) * BLOCK_N", "full_hi = tl.cdiv(T, BLOCK_N) * BLOCK_N",
+     lambda m: check_attention(m, 1, 4, 4, 17, 32, False, None)),
+    ("_attn_bwd_dkdv_loop", "ds_t = p_t * (dp_t - delta[None, :])", "ds_t = p_t * dp_t",
+     lambda m: check_attention(m, 1, 4, 4, 17, 32, True, None)),
+    ("_attn_bwd_dkdv_body", "for g in range(GROUP):", "for g in range(1):",
+     lambda m: check_attention(m, 1, 4, 2, 17, 32, True, None)),
+    ("_attn_bwd_dq_loop", "run = tl.max(keep.to(tl.int32))", "run = tl.min(keep.to(tl.int32))",
+     lambda m: check_attention(m, 1, 4, 4, 67, 32, True, "packed")),
+    ("_decode_split_kernel", "ok = (offs_n >= start) & (offs_n < hi)", "ok = offs_n < hi",
+     lambda m: check_decode(m, 3, 4, 2, 67, 32)),
+    ("_decode_combine_kernel", "w = tl.exp2(m - tl.max(m, 0))", "w = tl.exp2(m - m)",
+     lambda m: check_decode(m, 3, 4, 2, 67, 32)),
+    ("_swiglu_body", "(1.0 + gate * (1.0 - sig))", "(1.0 + gate * sig)",
+     lambda m: check_swiglu(m, (3, 17), 48, 136)),
+    ("_rms_bwd_kernel", "(tl.sum(dyw * xhat, 1) / N)", "(tl.sum(dyw * xhat, 1) / BLOCK_N)",
+     lambda m: check_rms(m, (3, 17), 48)),    # only wrong when the width is not a power of two
+]
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="mutants are loaded through the interpreter")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # mutants may divide by zero: that is the point
+@pytest.mark.parametrize("i", range(len(MUTANTS)), ids=[f"{m[0]}:{m[2]}" for m in MUTANTS])
+def test_planted_bug_is_caught(tmp_path, i):
+    func, old, new, check = MUTANTS[i]
+    src = open(os.path.join(ROOT, "kernels.py")).read()
+    start, end = _function_span(src, func)
+    body = src[start:end]
+    assert body.count(old) == 1, f"mutation anchor {old!r} not found once in {func}: update MUTANTS"
+    path = tmp_path / f"kernels_mutant_{i}.py"
+    path.write_text(src[:start] + body.replace(old, new) + src[end:])
+    spec = importlib.util.spec_from_file_location(f"kernels_mutant_{i}", path)
+    mutant = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutant)
+    with pytest.raises(AssertionError):
+        check(mutant)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch, input checks, command line.
+
+def test_cpu_default_is_the_reference_and_backend_forces_triton():
+    if DEV != "cpu":
+        pytest.skip("CPU dispatch")
+    x = torch.randn(2, 5, 32)
+    before = dict(kernels.TRITON_CALLS)
+    q = torch.randn(1, 4, 5, 32)
+    kernels.rms_norm(x, torch.ones(32), 1e-5)
+    kernels.swiglu_ffn(x, torch.randn(40, 32), torch.randn(40, 32), torch.randn(32, 40))
+    kernels.attention(q, q, q)
+    kernels.decode_attention(q[:, :, :1], q, q, torch.zeros(1, dtype=torch.long), 5)
+    with kernels.backend("torch"):
+        kernels.rms_norm(x, torch.ones(32), 1e-5)
+    assert dict(kernels.TRITON_CALLS) == before, "model/training tests would run the slow interpreter"
+    with kernels.backend("triton"):
+        kernels.rms_norm(x, torch.ones(32), 1e-5)
+    assert kernels.TRITON_CALLS["rms_norm_fwd"] == before.get("rms_norm_fwd", 0) + 1
+    with pytest.raises(ValueError, match="unknown backend"):
+        with kernels.backend("cuda"):
+            pass
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 4, 5, 32, device=DEV)
+    with kernels.backend("triton"):
+        with pytest.raises(ValueError, match="head dim"):
+            kernels.attention(torch.randn(1, 4, 5, 48, device=DEV), *torch.randn(2, 1, 4, 5, 48, device=DEV))
+        with pytest.raises(ValueError, match="multiple of kv heads"):
+            kernels.attention(q, torch.randn(1, 3, 5, 32, device=DEV), torch.randn(1, 3, 5, 32, device=DEV))
+        with pytest.raises(ValueError, match="doc_ids"):
+            kernels.attention(q, q, q, doc_ids=torch.zeros(1, 4, dtype=torch.long, device=DEV))
+        with pytest.raises(ValueError, match="weight"):
+            kernels.rms_norm(torch.randn(2, 8, device=DEV), torch.ones(9, device=DEV), 1e-5)
+        with pytest.raises(ValueError, match="w_gate"):
+            kernels.swiglu_ffn(torch.randn(2, 8, device=DEV), torch.randn(4, 8, device=DEV),
+                               torch.randn(4, 8, device=DEV), torch.randn(4, 8, device=DEV))
+        if DEV == "cpu":
+            with pytest.raises(TypeError, match="bfloat16"):
+                kernels.rms_norm(torch.randn(2, 8).bfloat16(), torch.ones(8).bfloat16(), 1e-5)
+
+
+def test_command_line():
+    with pytest.raises(SystemExit, match="unknown key 'sequence'.*valid keys: bench"):
+        kernels.main(["--sequence=4"])
+    with pytest.raises(SystemExit, match="nothing to do"):
+        kernels.main([])
+    with pytest.raises(SystemExit, match="not a int"):
+        kernels.main(["--bench", "--tokens=lots"])
+    if DEV == "cpu":
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            kernels.main(["--bench"])
+
+
+def test_kernels_compile_for_h100():
+    # No GPU needed: ptxas builds each kernel for sm_90; a typo in a compiled-only code path (the
+    # interpreter is lenient about types) or a tile too big for shared memory shows up here.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "kernels.py"), "--compile_check"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.splitlines() if "regs" in line and "spilled" in line]
+    names = {parts[0] for parts in lines}
+    assert names == {spec[0] for spec in kernels._compile_specs()}, out.stdout
+    for parts in lines:
+        shared = int(parts[6])
+        assert 0 <= shared <= 227 * 1024, parts   # H100/H200: at most 227 KiB per block
