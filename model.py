@@ -292,10 +292,12 @@ class Transformer(nn.Module):
         """Recompute the (non-persistent) RoPE buffer, e.g. after building on the meta device."""
         self.inv_freq = rope_inv_freq(self.config).to(self.model.embed_tokens.weight.device)
 
-    def forward(self, idx, doc_ids=None, positions=None, return_hidden=False):
+    def forward(self, idx, doc_ids=None, positions=None, return_hidden=False, head=True):
         """idx (B, T) token ids -> logits (B, T, V) [, per-layer outputs: list of L (B, T, H)].
         doc_ids (B, T): packed documents never attend across each other; positions (B, T) are
-        RoPE positions (default 0..T-1; packing can restart them at every document)."""
+        RoPE positions (default 0..T-1; packing can restart them at every document).
+        head=False returns the final normed hidden state instead of logits, so a loss can apply
+        lm_head chunk by chunk and never hold B x T x V at once (a 128k vocabulary)."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
@@ -306,8 +308,10 @@ class Transformer(nn.Module):
             h = layer(h, rope, doc_ids)
             if return_hidden:
                 hidden.append(h)
-        logits = self.lm_head(self.model.norm(h))
-        return (logits, hidden) if return_hidden else logits
+        out = self.model.norm(h)
+        if head:
+            out = self.lm_head(out)
+        return (out, hidden) if return_hidden else out
 
     # -------------------------------------------------------------------------------------------
     # Generation with a static KV cache (gpt-fast style: preallocated, written by index, no host

@@ -15,6 +15,10 @@ import os
 import sys
 import typing
 
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
 
 class ConfigError(ValueError):
     pass
@@ -122,3 +126,231 @@ def run_main(main, cls):
     except ConfigError as e:
         sys.exit(f"error: {e}")
     return main(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices and DDP. One command runs on 1 process, N GPUs or N nodes:
+#   python distill.py ...                                      (single process)
+#   torchrun --standalone --nproc_per_node=8 distill.py ...    (one node)
+#   torchrun --nnodes=2 --node_rank=R --master_addr=A --nproc_per_node=8 distill.py ...
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+
+def setup_dist(device="auto"):
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; pick cuda (one GPU per local rank) or cpu;
+    start the process group (nccl on GPU, gloo on CPU)."""
+    import torch
+    import torch.distributed as td
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"flag --device: expected auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("flag --device=cuda: no CUDA device is available")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if world > 1 and not td.is_initialized():
+        td.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, local, world, device)
+
+
+def teardown_dist(dist):
+    import torch.distributed as td
+    if dist.ddp and td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
+
+
+def autocast(device):
+    """bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU, where bf16
+    matmuls are slower than fp32 on most cores."""
+    import contextlib
+    import torch
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
+    """Micro-steps per optimizer step, derived from the global batch in tokens:
+    e.g. 16 sequences * 256 tokens * 1 process * 2 micro-steps = 8,192 tokens per step."""
+    per_micro = device_batch_size * seq_len * world_size
+    if total_batch_size % per_micro:
+        raise ConfigError(f"--total_batch_size={total_batch_size} must be a multiple of device_batch_size * "
+                          f"seq_len * world_size = {device_batch_size} * {seq_len} * {world_size} = {per_micro}")
+    return total_batch_size // per_micro
+
+
+def lr_at(step, max_steps, lr, warmup_steps, min_lr_frac=0.1):
+    """Linear warmup, then cosine decay to min_lr_frac * lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    import math
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu"):
+    """AdamW; matrices decay, vectors (norm weights) do not."""
+    import torch
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.startswith("cuda"))
+
+
+class MetricsLog:
+    """Append-only JSONL of metrics (master process only), read back for plots and reports."""
+
+    def __init__(self, path, enabled=True, append=False):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if not append and os.path.exists(path):
+                os.remove(path)
+
+    def log(self, **row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path):
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+    return rows
+
+
+def plot_curves(path_png, rows, keys, xkey="step", title=""):
+    """Draw metric curves (one line per key present) to a PNG. matplotlib is imported lazily and
+    with the non-interactive backend, so a machine without a display can plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        pts = [(r[xkey], r[k]) for r in rows if k in r and r[k] is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+    ax.set_xlabel(xkey)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer checkpoints: the model in its native folder format (model.py's save_model), plus
+# trainer_state.pt (optimizer, step) read back with weights_only=True, plus the resolved config.
+
+def save_checkpoint(out_dir, model, optimizer, step, cfg, tokenizer=None, extra=None):
+    import torch
+    from model import save_model
+    save_model(model, out_dir, metadata={"step": step})
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {}}
+    tmp = os.path.join(out_dir, ".trainer_state.pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(out_dir, "trainer_state.pt"))
+    with open(os.path.join(out_dir, "train_config.json"), "w") as f:
+        json.dump(config_dict(cfg), f, indent=2)
+
+
+def load_trainer_state(out_dir):
+    import torch
+    path = os.path.join(out_dir, "trainer_state.pt")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume=True but {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import safe_open
+    with safe_open(os.path.join(out_dir, "model.safetensors"), "pt") as f:
+        saved_step = int((f.metadata() or {}).get("step", -1))
+    if saved_step != state["step"]:
+        raise ConfigError(f"{out_dir}: model.safetensors is from step {saved_step} but trainer_state.pt "
+                          f"from step {state['step']}: the checkpoint was interrupted while being written")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses over the vocabulary, computed chunk by chunk. With a 128k vocabulary, B=8, T=4096 the
+# logits alone are 8*4096*128256*4 bytes = 16.8 GB in fp32; KD needs the teacher's too. Each chunk
+# of rows applies lm_head, takes the fp32 log-softmax and reduces to a scalar inside
+# torch.utils.checkpoint, so backward recomputes the chunk instead of keeping it: at most one
+# chunk x V fp32 block (per model) is alive at any time.
+
+def _ce_chunk(h, w, y):
+    return F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100, reduction="sum")
+
+
+def _kl_chunk(hs, ws, ht, wt, temperature):
+    log_ps = F.log_softmax(F.linear(hs, ws).float() / temperature, dim=-1)
+    log_pt = F.log_softmax(F.linear(ht, wt).float() / temperature, dim=-1)
+    # KL(teacher || student) = sum_v p_t (log p_t - log p_s), times T^2 so gradients keep their
+    # scale across temperatures (Hinton et al.).
+    return F.kl_div(log_ps, log_pt, log_target=True, reduction="sum") * temperature ** 2
+
+
+def _chunks(n, chunk):
+    return [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
+
+
+def chunked_cross_entropy(h, weight, targets, chunk=4096):
+    """Sum over tokens of CE(lm_head(h), targets); targets == -100 are ignored.
+    h (..., H) final normed hidden states, weight (V, H) the lm_head matrix."""
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if h.shape[0] <= chunk:  # one chunk: nothing to save by recomputing
+        return _ce_chunk(h, weight, targets)
+    total = h.new_zeros((), dtype=torch.float32)
+    for a, b in _chunks(h.shape[0], chunk):
+        total = total + checkpoint(_ce_chunk, h[a:b], weight, targets[a:b], use_reentrant=False)
+    return total
+
+
+def chunked_kl(h_student, w_student, h_teacher, w_teacher, temperature=1.0, chunk=4096):
+    """Sum over tokens of KL(teacher || student) on the next-token distributions."""
+    hs, ht = h_student.reshape(-1, h_student.shape[-1]), h_teacher.reshape(-1, h_teacher.shape[-1])
+    if hs.shape[0] <= chunk:
+        return _kl_chunk(hs, w_student, ht, w_teacher, temperature)
+    total = hs.new_zeros((), dtype=torch.float32)
+    for a, b in _chunks(hs.shape[0], chunk):
+        total = total + checkpoint(_kl_chunk, hs[a:b], w_student, ht[a:b], w_teacher, temperature,
+                                   use_reentrant=False)
+    return total
+
+
+def doc_ids_and_positions(x, bos_id):
+    """For packed windows x (B, T) whose documents start with BOS: document ids (a new id at
+    every BOS) and RoPE positions that restart at 0 on each document's BOS."""
+    B, T = x.shape
+    is_bos = x == bos_id
+    doc_ids = is_bos.long().cumsum(1)
+    idx = torch.arange(T, device=x.device).expand(B, T)
+    start = torch.where(is_bos, idx, torch.zeros_like(idx)).cummax(1).values
+    return doc_ids, idx - start

@@ -13,6 +13,9 @@ from model import (BlockConfig, ModelConfig, Transformer, config_from_dict, coun
                    kv_bytes_per_token, load_config, load_model, sample_next, save_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses run the scripts as a user would: on CPU with the PyTorch references, not with the
+# Triton interpreter that tests/conftest.py switches on for the kernel tests.
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 ASSETS = os.path.join(ROOT, "..", "shared", "assets")
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -68,7 +71,6 @@ def test_matches_transformers_logits_and_greedy_generation(tmp_path, kv_heads, t
 
 
 def test_sample_cli_matches_transformers(tmp_path):
-    pytest.importorskip("data")
     from data import load_tokenizer
     hf = hf_llama(tmp_path, kv_heads=2)
     write_byte_tokenizer(tmp_path)
@@ -81,7 +83,7 @@ def test_sample_cli_matches_transformers(tmp_path):
         ref = ref[:-1]
     r = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path}", "--prompt=3+5+2=", "--reasoning=on",
                         "--temperature=0", f"--max_new_tokens={n}", "--seed=1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == tok.decode(ref)
 
@@ -193,7 +195,7 @@ def test_heterogeneous_roundtrip_native_and_decilm(tmp_path):
                     reason="LN-Super config not in ../shared/assets")
 def test_released_layouts():
     r = subprocess.run([sys.executable, "model.py", os.path.join(ASSETS, "nemotron-super-49b-v1.config.json")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "params: 49867145216" in lines and "attention_layers: 49" in lines

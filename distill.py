@@ -1,0 +1,337 @@
+"""
+distill.py: pretraining, knowledge distillation and continued pretraining (paper sec. 2.2).
+
+Llama-Nemotron heals the child that Puzzle assembles with knowledge distillation from the parent
+(LN-Super: 40B tokens; LN-Ultra: 65B) and then continued pretraining (LN-Ultra: 88B more). Puzzle's
+global KD loss is, per token,
+    L = cosine_weight * sum_l (1 - cos(h_child_l, h_parent_map(l))) + kd_weight * KL(parent || child)
+with no LM loss (adding it hurt in the Puzzle paper; --lm_weight is there to try).
+Without a teacher the same script is plain LM pretraining: in the offline nano recipe it
+pretrains the parent itself from scratch on the built-in corpus.
+
+    python distill.py                                            # nano parent: out/data -> out/parent
+    python distill.py --init_from=out/child --teacher=out/parent --out_dir=out/child_kd
+    python distill.py --init_from=out/parent --out_dir=out/cpt   # continued pretraining
+    torchrun --standalone --nproc_per_node=8 distill.py config/distill_multi_gpu.py
+
+Reads: token shards + tokenizer from --data_dir (data.py), optional --init_from / --teacher
+checkpoint folders. Writes to --out_dir: config.json + model.safetensors (native format), the
+tokenizer, trainer_state.pt (for --resume=True), train_config.json, metrics.jsonl, loss.png.
+"""
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DataError, load_token_shards, load_tokenizer
+from model import ModelConfig, Transformer, count_params, load_config, load_model
+from runtime import (ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
+                     config_dict, doc_ids_and_positions, grad_accum_steps, load_trainer_state,
+                     lr_at, make_optimizer, plot_curves, read_metrics, run_main, save_checkpoint,
+                     setup_dist, teardown_dist)
+
+
+@dataclass
+class DistillConfig:
+    # data (data.py writes these)
+    data_dir: str = "out/data"
+    train_data: str = "pretrain_train"   # token shard folder, relative to data_dir or absolute
+    val_data: str = "pretrain_val"
+    seq_len: int = 256
+    # student: "scratch" builds a Llama from the sizes below; else a checkpoint folder
+    init_from: str = "scratch"
+    n_layer: int = 6
+    n_embd: int = 128
+    n_head: int = 4
+    n_kv_head: int = 2
+    ffn_hidden: int = 384                # SwiGLU width (3 x 128: ~ the 8/3 rule, rounded to 64)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    # teacher (knowledge distillation when set)
+    teacher: str = ""
+    kd_weight: float = 1.0               # KL(teacher || student) on logits
+    kd_temperature: float = 1.0
+    cosine_weight: float = 1.0           # per-layer hidden-state cosine loss (Puzzle's global KD)
+    layer_map: str = "auto"              # "auto" (proportional) or "s:t,s:t,..." student->teacher
+    lm_weight: float = 0.0               # LM loss weight when a teacher is set (Puzzle: 0)
+    vocab_chunk: int = 4096              # tokens per chunk of the vocabulary-sized losses
+    # optimisation
+    total_batch_size: int = 8192         # tokens per optimizer step (16 seqs x 256 x 2 micro-steps)
+    device_batch_size: int = 16          # sequences per micro-step per process
+    max_steps: int = 700                 # length of the run and of the LR schedule
+    stop_after: int = 0                  # end this invocation after this many steps (0 = run to
+                                         # max_steps); continue later with --resume=True
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # runtime
+    device: str = "auto"                 # auto | cpu | cuda
+    compile: bool = False
+    seed: int = 1337
+    out_dir: str = "out/parent"
+    resume: bool = False
+    eval_interval: int = 100             # validation loss every N steps (and at the end)
+    eval_batches: int = 4
+    ckpt_interval: int = 0               # also checkpoint every N steps (0 = only at the end)
+    log_interval: int = 10
+
+
+# ------------------------------------------------------------------------------------------------
+# The global stream of training windows. Window j of step s starts at an offset drawn from a
+# generator seeded by (seed, s) alone, so the stream is the same for 1 process or 64, and a
+# resumed run continues it exactly. Process r's micro-step m takes windows
+# [(m * world + r) * dbs, ... + dbs).
+
+def step_offsets(n_tokens, seed, step, n_windows, seq_len):
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, n_tokens - seq_len - 1, size=n_windows)
+
+
+def windows(data, offsets, seq_len, bos_id, device):
+    """Token windows -> (x, y, doc_ids, positions). Targets that are a BOS (the start of the next
+    packed document, unpredictable from this one) are ignored (-100)."""
+    buf = np.stack([np.asarray(data[o:o + seq_len + 1], dtype=np.int64) for o in offsets])
+    buf = torch.from_numpy(buf).to(device)
+    x, y = buf[:, :-1], buf[:, 1:].clone()
+    y[y == bos_id] = -100
+    doc_ids, positions = doc_ids_and_positions(x, bos_id)
+    return x, y, doc_ids, positions
+
+
+def parse_layer_map(spec, n_student, n_teacher):
+    """Student layer -> teacher layer whose hidden states the cosine loss compares.
+    'auto': same index when depths agree (a Puzzle child keeps the parent's depth), else
+    proportional (student layer i <-> teacher layer round((i+1) * Lt / Ls) - 1)."""
+    if spec == "auto":
+        return {i: round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)}
+    out = {}
+    for pair in spec.split(","):
+        try:
+            s, t = (int(v) for v in pair.split(":"))
+        except ValueError:
+            raise ConfigError(f"--layer_map: {pair!r} is not 'student:teacher'") from None
+        if not (0 <= s < n_student and 0 <= t < n_teacher):
+            raise ConfigError(f"--layer_map: {pair!r} out of range (student has {n_student} layers, "
+                              f"teacher {n_teacher})")
+        out[s] = t
+    return out
+
+
+def kd_losses(student, teacher, x, doc_ids, positions, y, cfg, layer_map):
+    """Sums over tokens of the KD terms (the caller normalises by the global token count)."""
+    hs, hid_s = student(x, doc_ids, positions, return_hidden=True, head=False)
+    with torch.no_grad():
+        ht, hid_t = teacher(x, doc_ids, positions, return_hidden=True, head=False)
+    raw = student.module if hasattr(student, "module") else student
+    raw = getattr(raw, "_orig_mod", raw)
+    out = {"kl": chunked_kl(hs, raw.lm_head.weight, ht, teacher.lm_head.weight, cfg.kd_temperature,
+                            cfg.vocab_chunk)}
+    if cfg.cosine_weight:
+        out["cos"] = sum((1 - F.cosine_similarity(hid_s[s].float(), hid_t[t].float(), dim=-1)).sum()
+                         for s, t in layer_map.items())
+    if cfg.lm_weight:
+        out["lm"] = chunked_cross_entropy(hs, raw.lm_head.weight, y, cfg.vocab_chunk)
+    return out
+
+
+def total_loss(parts, cfg, teacher):
+    if teacher is None:
+        return parts["lm"]
+    return (cfg.kd_weight * parts["kl"] + cfg.cosine_weight * parts.get("cos", 0.0)
+            + cfg.lm_weight * parts.get("lm", 0.0))
+
+
+def build_student(cfg, n_vocab):
+    if cfg.init_from == "scratch":
+        mcfg = ModelConfig.llama(num_layers=cfg.n_layer, num_key_value_heads=cfg.n_kv_head,
+                                 intermediate_size=cfg.ffn_hidden, vocab_size=n_vocab,
+                                 hidden_size=cfg.n_embd, num_attention_heads=cfg.n_head,
+                                 rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+                                 max_position_embeddings=cfg.seq_len)
+        return Transformer(mcfg)
+    return load_model(cfg.init_from)
+
+
+def estimate_flops_per_token(mcfg, seq_len):
+    """6 N (matmul weights, fwd + bwd) + 12 * attention-layers * heads * head_dim * T (scores and
+    values), the PaLM appendix B estimate; embeddings excluded."""
+    n = count_params(mcfg) - mcfg.vocab_size * mcfg.hidden_size
+    n_attn = sum(b.attention == "gqa" for b in mcfg.block_configs)
+    return 6 * n + 12 * n_attn * mcfg.num_attention_heads * mcfg.head_dim * seq_len
+
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+
+
+def gpu_peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+
+
+@torch.no_grad()
+def evaluate(model, teacher, val, cfg, bos_id, device, layer_map):
+    """Mean per-token losses on fixed validation windows (the same windows at every eval)."""
+    model.eval()
+    n_win = cfg.eval_batches * cfg.device_batch_size
+    offsets = step_offsets(len(val), cfg.seed, -1 % 2**32, n_win, cfg.seq_len)
+    sums, count, count_lm = {}, 0, 0
+    for i in range(0, n_win, cfg.device_batch_size):
+        x, y, doc, pos = windows(val, offsets[i:i + cfg.device_batch_size], cfg.seq_len, bos_id, device)
+        with autocast(device):
+            h = model(x, doc, pos, head=False)
+            sums["lm"] = sums.get("lm", 0.0) + float(chunked_cross_entropy(h, model.lm_head.weight, y, cfg.vocab_chunk))
+            if teacher is not None:
+                for k, v in kd_losses(model, teacher, x, doc, pos, y, cfg, layer_map).items():
+                    if k != "lm":
+                        sums[k] = sums.get(k, 0.0) + float(v)
+        count += x.numel()
+        count_lm += int((y != -100).sum())
+    model.train()
+    return {f"val_{k}": v / (count_lm if k == "lm" else count) for k, v in sums.items()}
+
+
+def main(cfg):
+    dist = setup_dist(cfg.device)
+    device, master = dist.device, dist.master
+    torch.manual_seed(cfg.seed)
+    path = lambda p: p if os.path.isabs(p) else os.path.join(cfg.data_dir, p)
+    tok = load_tokenizer(cfg.data_dir)
+    train = load_token_shards(path(cfg.train_data), n_vocab=tok.n_vocab)
+    val = load_token_shards(path(cfg.val_data), n_vocab=tok.n_vocab)
+    if len(train) < cfg.seq_len + 2:
+        raise ConfigError(f"{path(cfg.train_data)} holds {len(train)} tokens, fewer than one window of {cfg.seq_len}")
+
+    model = build_student(cfg, tok.n_vocab)
+    mcfg = model.config
+    if mcfg.vocab_size < tok.n_vocab:
+        raise ConfigError(f"the tokenizer in {cfg.data_dir} has {tok.n_vocab} tokens but the model "
+                          f"({cfg.init_from}) has a vocabulary of {mcfg.vocab_size}")
+    if cfg.seq_len > mcfg.max_position_embeddings:
+        raise ConfigError(f"--seq_len={cfg.seq_len} exceeds the model's context of {mcfg.max_position_embeddings}")
+    teacher, layer_map = None, {}
+    if cfg.teacher:
+        teacher = load_model(cfg.teacher, device=device).eval().requires_grad_(False)
+        if teacher.config.vocab_size != mcfg.vocab_size:
+            raise ConfigError(f"teacher {cfg.teacher} has a vocabulary of {teacher.config.vocab_size}, "
+                              f"the student {mcfg.vocab_size}: KL needs the same vocabulary")
+        layer_map = parse_layer_map(cfg.layer_map, mcfg.num_hidden_layers, teacher.config.num_hidden_layers)
+
+    start_step, state = 0, None
+    if cfg.resume:
+        state = load_trainer_state(cfg.out_dir)
+        saved = load_config(cfg.out_dir)
+        if saved != mcfg:
+            diff = [k for k in config_dict(mcfg) if getattr(saved, k) != getattr(mcfg, k)]
+            raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture "
+                              f"than this run's model (fields that differ: {diff})")
+        model = load_model(cfg.out_dir)
+        start_step = state["step"]
+    model.to(device)
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
+                    broadcast_buffers=False)
+    opt = make_optimizer(raw, cfg.lr, cfg.weight_decay, device=device)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+
+    accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, dist.world_size)
+    n_windows = cfg.total_batch_size // cfg.seq_len
+    flops_tok, peak = estimate_flops_per_token(mcfg, cfg.seq_len), gpu_peak_flops(device)
+    end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master, append=cfg.resume)
+    if master:
+        mode = "KD from " + cfg.teacher if teacher is not None else "LM pretraining"
+        print(f"[distill] {mode}; student {count_params(mcfg):,} params ({cfg.init_from}); "
+              f"{dist.world_size} process(es) on {device}; {accum} micro-steps x {cfg.device_batch_size} seqs "
+              f"x {cfg.seq_len} tokens = {cfg.total_batch_size} tokens/step; steps {start_step}->{end}",
+              file=sys.stderr)
+
+    bar = tqdm(range(start_step, end), disable=not master, desc="distill", initial=start_step, total=end)
+    t_last, tokens_since = time.time(), 0
+    for step in bar:
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step and master:
+            log.log(step=step, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map))
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        offsets = step_offsets(len(train), cfg.seed, step, n_windows, cfg.seq_len)
+        # Normalise by the global number of loss tokens of this step (every process can count
+        # them: the stream is known to all), so the update is the token-mean over the whole
+        # global batch however it is split into processes and micro-steps.
+        if teacher is None:
+            n_loss = sum(int((np.asarray(train[o + 1:o + cfg.seq_len + 1]) != tok.bos_id).sum()) for o in offsets)
+        else:
+            n_loss = n_windows * cfg.seq_len
+        logged = {}
+        for m in range(accum):
+            first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
+            x, y, doc, pos = windows(train, offsets[first:first + cfg.device_batch_size], cfg.seq_len,
+                                     tok.bos_id, device)
+            sync = nullcontext() if (not dist.ddp or m == accum - 1) else model.no_sync()
+            with sync:
+                with autocast(device):
+                    if teacher is None:
+                        parts = {"lm": chunked_cross_entropy(model(x, doc, pos, head=False), raw.lm_head.weight,
+                                                             y, cfg.vocab_chunk)}
+                    else:
+                        parts = kd_losses(model, teacher, x, doc, pos, y, cfg, layer_map)
+                    loss = total_loss(parts, cfg, teacher) / n_loss * dist.world_size  # DDP averages
+                loss.backward()
+            for k, v in parts.items():
+                logged[k] = logged.get(k, 0.0) + v.detach() / n_loss
+        logged = torch.stack([logged[k] for k in sorted(logged)])
+        if dist.ddp:  # every process holds its share of the global mean
+            torch.distributed.all_reduce(logged)
+        logged = dict(zip(sorted(parts), logged.tolist()))
+        if not all(np.isfinite(v) for v in logged.values()):
+            raise FloatingPointError(f"step {step}: loss is not finite ({logged}); lower --lr")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_since += cfg.total_batch_size
+        if master and ((step + 1) % cfg.log_interval == 0 or step + 1 == end):
+            dt = time.time() - t_last
+            row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_since / dt,
+                   **{f"train_{k}": v for k, v in logged.items()}}
+            if peak:
+                row["mfu"] = flops_tok * tokens_since / dt / (peak * dist.world_size)
+            log.log(**row)
+            bar.set_postfix({k.removeprefix("train_"): f"{v:.3f}" for k, v in row.items() if k.startswith("train_")}
+                            | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+            t_last, tokens_since = time.time(), 0
+        if master and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
+            save_checkpoint(cfg.out_dir, raw, opt, step + 1, cfg, tok)
+    if master:
+        if end == cfg.max_steps and cfg.eval_interval:
+            log.log(step=end, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map))
+        save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok)
+        rows = read_metrics(log.path)
+        keys = sorted({k for r in rows for k in r if k.startswith(("train_", "val_"))})
+        plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, keys, title=f"distill.py: {cfg.out_dir}")
+        final = {k: v for k, v in rows[-1].items()} if rows else {}
+        print(f"[distill] saved {cfg.out_dir} at step {end}: {json.dumps(final)}", file=sys.stderr)
+    teardown_dist(dist)
+
+
+if __name__ == "__main__":
+    def guarded(cfg):
+        try:
+            main(cfg)
+        except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+    run_main(guarded, DistillConfig)
