@@ -860,32 +860,11 @@ class DataConfig:
     val_per_k: int = 30              # unique val problems per k (k=3 has ~100 in each split)
     test_per_k: int = 50
     test_chat: int = 200
-
-
-def parse_overrides(cfg, argv):
-    """--key=value overrides of a dataclass config; values parsed as the default's type."""
-    valid = {f.name: f for f in fields(cfg)}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print("keys: " + ", ".join(f"--{k}={getattr(cfg, k)!r}" for k in valid))
-            sys.exit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: expected --key=value")
-        key, val = arg[2:].split("=", 1)
-        if key not in valid:
-            raise SystemExit(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
-        typ = type(getattr(cfg, key))
-        try:
-            if typ is bool:
-                if val.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(val)
-                parsed = val.lower() in ("true", "1")
-            else:
-                parsed = typ(float(val)) if typ is int and "e" in val.lower() else typ(val)
-        except ValueError:
-            raise SystemExit(f"--{key}: cannot parse {val!r} as {typ.__name__}") from None
-        setattr(cfg, key, parsed)
-    return cfg
+    # Instead of the default world: tokenize a local corpus with an existing tokenizer (e.g. a
+    # Llama 3 download) into pretrain_train/ + pretrain_val/ shards for distill.py.
+    tokenize_text: str = ""          # comma-separated .txt (one document each) / .jsonl ("text") files
+    tokenizer: str = ""              # tokenizer.model file or model folder to encode them with
+    val_every: int = 50              # every 50th document goes to pretrain_val
 
 
 def _sft_rows(n, split, seed, cfg):
@@ -958,5 +937,44 @@ def prepare(cfg):
     return sizes
 
 
+def _corpus_documents(files):
+    """Documents of local text files: a .jsonl file gives one per row (its "text" field), any
+    other file is one document."""
+    for path in files:
+        if not os.path.isfile(path):
+            raise DataError(f"--tokenize_text: {path} does not exist")
+        if path.endswith(".jsonl"):
+            for lineno, row in _read_jsonl(path):
+                yield _field(row, "text", (str,), path, lineno)
+        else:
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
+
+
+def tokenize_corpus(cfg):
+    """Local text -> shards with an existing tokenizer, which is copied beside them."""
+    if not cfg.tokenizer:
+        raise DataError("--tokenize_text needs --tokenizer=PATH (a tokenizer.model or a model folder)")
+    tok = load_tokenizer(cfg.tokenizer)
+    tok.save(cfg.out_dir)
+    docs = {"pretrain_train": [], "pretrain_val": []}
+    for i, text in enumerate(tqdm(_corpus_documents(cfg.tokenize_text.split(",")), desc="tokenize", unit="doc")):
+        split = "pretrain_val" if i % cfg.val_every == cfg.val_every - 1 else "pretrain_train"
+        docs[split].append([tok.bos_id] + tok.encode(text))
+    for name, d in docs.items():
+        if not d:
+            raise DataError(f"--tokenize_text: no documents for {name} (have {sum(map(len, docs.values()))} "
+                            f"documents in all; lower --val_every)")
+        idx = write_token_shards(d, os.path.join(cfg.out_dir, name), dtype_for_vocab(tok.n_vocab), tok.bos_id)
+        print(f"{name:16s} {idx['n_tokens']:,} tokens, {idx['n_docs']:,} docs")
+
+
 if __name__ == "__main__":
-    prepare(parse_overrides(DataConfig(), sys.argv[1:]))
+    from runtime import parse_config, run_main
+
+    def main(cfg):
+        try:
+            tokenize_corpus(cfg) if cfg.tokenize_text else prepare(cfg)
+        except (DataError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+    run_main(main, DataConfig)

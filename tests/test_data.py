@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
+from runtime import ConfigError, parse_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA3 = os.path.join(REPO, "..", "shared", "assets", "llama3-tokenizer.model")
@@ -395,16 +396,35 @@ def test_rl_jsonl(tmp_path):
 # ---------------------------------------------------------------------------- CLI / prepare
 
 def test_parse_overrides():
-    cfg = data.parse_overrides(data.DataConfig(), ["--seed=5", "--chat_frac=0.5", "--sft_train=1e3"])
+    cfg = parse_config(data.DataConfig, ["--seed=5", "--chat_frac=0.5", "--sft_train=1e3"])
     assert cfg.seed == 5 and cfg.chat_frac == 0.5 and cfg.sft_train == 1000
-    with pytest.raises(SystemExit, match="valid keys: out_dir, seed"):
-        data.parse_overrides(data.DataConfig(), ["--nope=1"])
-    with pytest.raises(SystemExit, match="--seed"):
-        data.parse_overrides(data.DataConfig(), ["--seed=abc"])
+    with pytest.raises(ConfigError, match="valid keys: .*out_dir.*seed"):
+        parse_config(data.DataConfig, ["--nope=1"])
+    with pytest.raises(ConfigError, match="--seed"):
+        parse_config(data.DataConfig, ["--seed=abc"])
+
+
+def test_tokenize_local_corpus(tmp_path):
+    """A local corpus tokenized with an existing tokenizer (here one trained in the test)."""
+    tok = data.train_tokenizer("the cat sat on the mat. " * 200, 520, str(tmp_path / "tok"))
+    (tmp_path / "a.txt").write_text("the cat sat")
+    (tmp_path / "b.jsonl").write_text('{"text": "on the mat"}\n{"text": "the end"}\n')
+    cfg = data.DataConfig(out_dir=str(tmp_path / "out"), tokenizer=str(tmp_path / "tok"), val_every=3,
+                          tokenize_text=f"{tmp_path / 'a.txt'},{tmp_path / 'b.jsonl'}")
+    data.tokenize_corpus(cfg)
+    train = data.load_token_shards(str(tmp_path / "out" / "pretrain_train"), n_vocab=tok.n_vocab)
+    val = data.load_token_shards(str(tmp_path / "out" / "pretrain_val"), n_vocab=tok.n_vocab)
+    assert list(train) == [tok.bos_id] + tok.encode("the cat sat") + [tok.bos_id] + tok.encode("on the mat")
+    assert list(val) == [tok.bos_id] + tok.encode("the end")
+    assert data.load_tokenizer(str(tmp_path / "out")).encode("the mat") == tok.encode("the mat")
+    (tmp_path / "c.jsonl").write_text('{"text": "x"}\n{"txt": "y"}\n')
+    with pytest.raises(data.DataError, match=r"c.jsonl:2: missing field 'text'"):
+        data.tokenize_corpus(data.DataConfig(out_dir=str(tmp_path / "o2"), tokenizer=str(tmp_path / "tok"),
+                                             tokenize_text=str(tmp_path / "c.jsonl")))
 
 
 def test_prepare_small_world(tmp_path):
-    cfg = data.parse_overrides(data.DataConfig(), [
+    cfg = parse_config(data.DataConfig, [
         f"--out_dir={tmp_path}", "--tokenizer_chars=100000", "--pretrain_tokens=20000",
         "--pretrain_val_tokens=3000", "--sft_train=200", "--sft_val=40", "--rl_train=50",
         "--val_per_k=5", "--test_per_k=5", "--test_chat=20"])
