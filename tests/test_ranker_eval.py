@@ -250,9 +250,13 @@ def test_read_letor_groups_queries_and_keeps_labels(tmp_path):
     p.write_text("# header comment\n2 qid:7 1:0.5 3:1.5 # docA\n0 qid:7 2:-1\n\n1 qid:3 1:2 2:0 3:4\n")
     queries, F = rk.read_letor(str(p))
     assert F == 3 and [q for q, _, _ in queries] == ["7", "3"]
-    assert list(queries[0][1]) == [2, 0] and queries[0][2][0] == {1: 0.5, 3: 1.5}
+    assert list(queries[0][1]) == [2, 0]
+    assert queries[0][2][0][0].tolist() == [1, 3] and queries[0][2][0][1].tolist() == [0.5, 1.5]
+    assert [q for q, _, _ in rk.read_letor(str(p), max_queries=1)[0]] == ["7"]
     world = rk.load_letor_world(str(p), rk.Config())
     assert world.mask.tolist() == [[True, True], [True, False]] and world.rel_max == 2
+    raw = (world.X * 1.0)[world.mask]   # z-scored columns keep the file's values up to scale
+    assert np.corrcoef(raw[:, 2], [1.5, 0, 4])[0, 1] > 0.999
     np.testing.assert_allclose(world.X[world.mask].mean(0), 0, atol=1e-6)
 
 
