@@ -958,6 +958,17 @@ class _RMSNorm(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Public entry points.
 
+def _autocast(*tensors):
+    """Under torch.autocast (bf16 training with fp32 weights, runtime.autocast) cast matmul inputs
+    to the autocast dtype, as autocast does for F.linear and SDPA; the casts are differentiable, so
+    fp32 parameters still receive fp32 gradients."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def rms_norm(x, weight, eps):
     if not _use_triton(x):
         return rms_norm_ref(x, weight, eps)
@@ -967,6 +978,7 @@ def rms_norm(x, weight, eps):
 def swiglu_ffn(x, w_gate, w_up, w_down):
     if not _use_triton(x):
         return swiglu_ffn_ref(x, w_gate, w_up, w_down)
+    x, w_gate, w_up, w_down = _autocast(x, w_gate, w_up, w_down)
     H = x.shape[-1]
     if w_gate.shape != w_up.shape or w_gate.shape[1] != H or w_down.shape != (H, w_gate.shape[0]):
         raise ValueError(f"swiglu_ffn: need w_gate, w_up (I, {H}) and w_down ({H}, I); got "
@@ -984,6 +996,7 @@ def swiglu_ffn(x, w_gate, w_up, w_down):
 def attention(q, k, v, causal=True, doc_ids=None):
     if not _use_triton(q):
         return attention_ref(q, k, v, causal, doc_ids)
+    q, k, v = _autocast(q, k, v)
     _check_attention_inputs(q, k, v, doc_ids)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     return _FlashAttention.apply(q, k, v, causal, doc_ids)
@@ -992,6 +1005,7 @@ def attention(q, k, v, causal=True, doc_ids=None):
 def decode_attention(q, k_cache, v_cache, kv_start, kv_end):
     if not _use_triton(q):
         return decode_attention_ref(q, k_cache, v_cache, kv_start, kv_end)
+    q, k_cache, v_cache = _autocast(q, k_cache, v_cache)
     return _decode_attention(q, k_cache, v_cache, kv_start, kv_end)
 
 

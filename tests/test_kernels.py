@@ -233,6 +233,29 @@ def test_rms_norm_fp16_input_fp32_weight():
     torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-3)
 
 
+def test_autocast_mixed_dtypes_match_reference():
+    # runtime.autocast trains 16-bit activations with fp32 weights: the public functions cast like
+    # autocast does (q from RoPE may be fp32 while v is 16-bit), and fp32 parameters get fp32 grads.
+    dt = torch.float16 if DEV == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 17, 48, generator=gen)
+    ws = [torch.randn(*s, generator=gen) * 0.1 for s in ((72, 48), (72, 48), (48, 72))]
+    q, k, v = torch.randn(1, 4, 17, 32, generator=gen), torch.randn(1, 2, 17, 32, generator=gen), \
+        torch.randn(1, 2, 17, 32, generator=gen)
+    results = {}
+    for name in ("triton", "torch"):
+        leaves = [t.to(DEV).requires_grad_() for t in (x, *ws, q, k, v)]
+        with torch.autocast(DEV, dtype=dt), kernels.backend(name):
+            y = kernels.swiglu_ffn(*leaves[:4])
+            a = kernels.attention(leaves[4], leaves[5], leaves[6].to(dt))
+        assert y.dtype == a.dtype == dt
+        (y.float().square().sum() + a.float().square().sum()).backward()
+        assert all(t.grad.dtype == torch.float32 for t in leaves)
+        results[name] = [y, a] + [t.grad for t in leaves]
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Planted bugs: each mutant of kernels.py must fail the same check the real kernels pass.
 
