@@ -30,7 +30,7 @@ Run (defaults: a synthetic world, 150 queries of 5-9 documents, top-4 lists, pos
 10 new rankers x 2 logging temperatures x 4 log sizes x 10 seeds; about 70 s on 2 CPU cores):
 
     python ranker_eval.py
-    python ranker_eval.py --data=MSLR-WEB10K/Fold1/test.txt --max_queries=300 --K=5
+    python ranker_eval.py --data=MSLR-WEB10K/Fold1/test.txt --max_queries=300 --max_docs=50 --K=5
     python ranker_eval.py --click_model=cascade --temperatures=0.5 --log_sizes=2000,8000
 
 Reads: nothing by default; --data=PATH reads a LETOR / SVMlight file (`label qid:ID 1:v ... # c`).
