@@ -66,8 +66,8 @@ class DistillConfig:
     total_batch_size: int = 8192         # tokens per optimizer step (16 seqs x 256 x 2 micro-steps)
     device_batch_size: int = 16          # sequences per micro-step per process
     max_steps: int = 700                 # length of the run and of the LR schedule
-    stop_after: int = 0                  # end this invocation after this many steps (0 = run to
-                                         # max_steps); continue later with --resume=True
+    stop_after: int = 0                  # end this invocation after this many more steps (0 = run
+                                         # to max_steps); continue later with --resume=True
     lr: float = 3e-3
     min_lr_frac: float = 0.1
     warmup_steps: int = 30
@@ -112,7 +112,7 @@ def parse_layer_map(spec, n_student, n_teacher):
     'auto': same index when depths agree (a Puzzle child keeps the parent's depth), else
     proportional (student layer i <-> teacher layer round((i+1) * Lt / Ls) - 1)."""
     if spec == "auto":
-        return {i: round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)}
+        return {i: max(0, round((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)}
     out = {}
     for pair in spec.split(","):
         try:
@@ -126,28 +126,39 @@ def parse_layer_map(spec, n_student, n_teacher):
     return out
 
 
-def kd_losses(student, teacher, x, doc_ids, positions, y, cfg, layer_map):
-    """Sums over tokens of the KD terms (the caller normalises by the global token count)."""
-    hs, hid_s = student(x, doc_ids, positions, return_hidden=True, head=False)
+def loss_sums(model, teacher, x, y, doc_ids, positions, cfg, layer_map, need_lm=False):
+    """Per-token sums of the loss terms of one micro-batch (the caller divides each by its global
+    count, see `normalisers`): "lm" cross-entropy, and with a teacher "kl" = KL(teacher||student)
+    and "cos" = sum over mapped layers of (1 - cosine similarity) of hidden states."""
+    raw = getattr(model, "module", model)
+    raw = getattr(raw, "_orig_mod", raw)
+    if teacher is None:
+        h = model(x, doc_ids, positions, head=False)
+        return {"lm": chunked_cross_entropy(h, raw.lm_head.weight, y, cfg.vocab_chunk)}
+    h, hid_s = model(x, doc_ids, positions, return_hidden=True, head=False)
     with torch.no_grad():
         ht, hid_t = teacher(x, doc_ids, positions, return_hidden=True, head=False)
-    raw = student.module if hasattr(student, "module") else student
-    raw = getattr(raw, "_orig_mod", raw)
-    out = {"kl": chunked_kl(hs, raw.lm_head.weight, ht, teacher.lm_head.weight, cfg.kd_temperature,
-                            cfg.vocab_chunk)}
+    out = {}
+    if cfg.kd_weight:
+        out["kl"] = chunked_kl(h, raw.lm_head.weight, ht, teacher.lm_head.weight, cfg.kd_temperature,
+                               cfg.vocab_chunk)
     if cfg.cosine_weight:
         out["cos"] = sum((1 - F.cosine_similarity(hid_s[s].float(), hid_t[t].float(), dim=-1)).sum()
                          for s, t in layer_map.items())
-    if cfg.lm_weight:
-        out["lm"] = chunked_cross_entropy(hs, raw.lm_head.weight, y, cfg.vocab_chunk)
+    if cfg.lm_weight or need_lm:
+        out["lm"] = chunked_cross_entropy(h, raw.lm_head.weight, y, cfg.vocab_chunk)
     return out
 
 
-def total_loss(parts, cfg, teacher):
+def loss_weights(cfg, teacher):
     if teacher is None:
-        return parts["lm"]
-    return (cfg.kd_weight * parts["kl"] + cfg.cosine_weight * parts.get("cos", 0.0)
-            + cfg.lm_weight * parts.get("lm", 0.0))
+        return {"lm": 1.0}
+    return {"kl": cfg.kd_weight, "cos": cfg.cosine_weight, "lm": cfg.lm_weight}
+
+
+def normalisers(n_tokens, n_lm_targets):
+    """KD terms are means over all positions; the LM term over the targets that are not a BOS."""
+    return {"kl": n_tokens, "cos": n_tokens, "lm": n_lm_targets}
 
 
 def build_student(cfg, n_vocab):
@@ -163,8 +174,9 @@ def build_student(cfg, n_vocab):
 
 def estimate_flops_per_token(mcfg, seq_len):
     """6 N (matmul weights, fwd + bwd) + 12 * attention-layers * heads * head_dim * T (scores and
-    values), the PaLM appendix B estimate; embeddings excluded."""
-    n = count_params(mcfg) - mcfg.vocab_size * mcfg.hidden_size
+    values), the PaLM appendix B estimate. The embedding lookup is no matmul; lm_head is, even
+    when it shares its matrix with the embedding."""
+    n = count_params(mcfg) - mcfg.vocab_size * mcfg.hidden_size * (0 if mcfg.tie_word_embeddings else 1)
     n_attn = sum(b.attention == "gqa" for b in mcfg.block_configs)
     return 6 * n + 12 * n_attn * mcfg.num_attention_heads * mcfg.head_dim * seq_len
 
@@ -184,21 +196,41 @@ def evaluate(model, teacher, val, cfg, bos_id, device, layer_map):
     """Mean per-token losses on fixed validation windows (the same windows at every eval)."""
     model.eval()
     n_win = cfg.eval_batches * cfg.device_batch_size
-    offsets = step_offsets(len(val), cfg.seed, -1 % 2**32, n_win, cfg.seq_len)
-    sums, count, count_lm = {}, 0, 0
+    offsets = step_offsets(len(val), cfg.seed, 2**32 - 1, n_win, cfg.seq_len)
+    sums, n_tok, n_lm = {}, 0, 0
     for i in range(0, n_win, cfg.device_batch_size):
         x, y, doc, pos = windows(val, offsets[i:i + cfg.device_batch_size], cfg.seq_len, bos_id, device)
         with autocast(device):
-            h = model(x, doc, pos, head=False)
-            sums["lm"] = sums.get("lm", 0.0) + float(chunked_cross_entropy(h, model.lm_head.weight, y, cfg.vocab_chunk))
-            if teacher is not None:
-                for k, v in kd_losses(model, teacher, x, doc, pos, y, cfg, layer_map).items():
-                    if k != "lm":
-                        sums[k] = sums.get(k, 0.0) + float(v)
-        count += x.numel()
-        count_lm += int((y != -100).sum())
+            for k, v in loss_sums(model, teacher, x, y, doc, pos, cfg, layer_map, need_lm=True).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        n_tok += x.numel()
+        n_lm += int((y != -100).sum())
     model.train()
-    return {f"val_{k}": v / (count_lm if k == "lm" else count) for k, v in sums.items()}
+    norm = normalisers(n_tok, n_lm)
+    return {f"val_{k}": v / norm[k] for k, v in sums.items()}
+
+
+# What a resumed run must share with the run it continues: the data stream and the LR schedule.
+RESUME_KEYS = ("seed", "seq_len", "total_batch_size", "train_data", "max_steps", "lr", "warmup_steps",
+               "min_lr_frac", "teacher", "kd_weight", "cosine_weight", "lm_weight", "layer_map")
+
+
+def load_for_resume(cfg, model_cfg):
+    """The checkpoint in out_dir, checked against this run: same architecture, same run."""
+    state = load_trainer_state(cfg.out_dir)
+    saved = load_config(cfg.out_dir)
+    if saved != model_cfg:
+        diff = [k for k in config_dict(model_cfg) if getattr(saved, k) != getattr(model_cfg, k)]
+        raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture "
+                          f"than this run's model (fields that differ: {diff})")
+    with open(os.path.join(cfg.out_dir, "train_config.json")) as f:
+        before = json.load(f)
+    changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if before.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
+    if state["step"] >= cfg.max_steps:
+        raise ConfigError(f"--resume=True: {cfg.out_dir} is already at step {state['step']} of max_steps={cfg.max_steps}")
+    return load_model(cfg.out_dir), state
 
 
 def main(cfg):
@@ -209,16 +241,15 @@ def main(cfg):
     tok = load_tokenizer(cfg.data_dir)
     train = load_token_shards(path(cfg.train_data), n_vocab=tok.n_vocab)
     val = load_token_shards(path(cfg.val_data), n_vocab=tok.n_vocab)
-    if len(train) < cfg.seq_len + 2:
-        raise ConfigError(f"{path(cfg.train_data)} holds {len(train)} tokens, fewer than one window of {cfg.seq_len}")
+    for name, arr in ((cfg.train_data, train), (cfg.val_data, val)):
+        if len(arr) < cfg.seq_len + 2:
+            raise ConfigError(f"{path(name)} holds {len(arr)} tokens, fewer than one window of --seq_len={cfg.seq_len}")
 
     model = build_student(cfg, tok.n_vocab)
     mcfg = model.config
     if mcfg.vocab_size < tok.n_vocab:
         raise ConfigError(f"the tokenizer in {cfg.data_dir} has {tok.n_vocab} tokens but the model "
                           f"({cfg.init_from}) has a vocabulary of {mcfg.vocab_size}")
-    if cfg.seq_len > mcfg.max_position_embeddings:
-        raise ConfigError(f"--seq_len={cfg.seq_len} exceeds the model's context of {mcfg.max_position_embeddings}")
     teacher, layer_map = None, {}
     if cfg.teacher:
         teacher = load_model(cfg.teacher, device=device).eval().requires_grad_(False)
@@ -226,16 +257,12 @@ def main(cfg):
             raise ConfigError(f"teacher {cfg.teacher} has a vocabulary of {teacher.config.vocab_size}, "
                               f"the student {mcfg.vocab_size}: KL needs the same vocabulary")
         layer_map = parse_layer_map(cfg.layer_map, mcfg.num_hidden_layers, teacher.config.num_hidden_layers)
-
+    for who, m in (("model", model), ("teacher", teacher)):
+        if m is not None and cfg.seq_len > m.config.max_position_embeddings:
+            raise ConfigError(f"--seq_len={cfg.seq_len} exceeds the {who}'s context of {m.config.max_position_embeddings}")
     start_step, state = 0, None
     if cfg.resume:
-        state = load_trainer_state(cfg.out_dir)
-        saved = load_config(cfg.out_dir)
-        if saved != mcfg:
-            diff = [k for k in config_dict(mcfg) if getattr(saved, k) != getattr(mcfg, k)]
-            raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture "
-                              f"than this run's model (fields that differ: {diff})")
-        model = load_model(cfg.out_dir)
+        model, state = load_for_resume(cfg, mcfg)
         start_step = state["step"]
     model.to(device)
     raw = model
@@ -252,7 +279,8 @@ def main(cfg):
     accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, dist.world_size)
     n_windows = cfg.total_batch_size // cfg.seq_len
     flops_tok, peak = estimate_flops_per_token(mcfg, cfg.seq_len), gpu_peak_flops(device)
-    end = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    end = min(cfg.max_steps, start_step + cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    weights = loss_weights(cfg, teacher)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master, append=cfg.resume)
     if master:
         mode = "KD from " + cfg.teacher if teacher is not None else "LM pretraining"
@@ -262,21 +290,21 @@ def main(cfg):
               file=sys.stderr)
 
     bar = tqdm(range(start_step, end), disable=not master, desc="distill", initial=start_step, total=end)
-    t_last, tokens_since = time.time(), 0
+    train_time, tokens_since = 0.0, 0
     for step in bar:
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step and master:
             log.log(step=step, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map))
+        t0 = time.time()
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         offsets = step_offsets(len(train), cfg.seed, step, n_windows, cfg.seq_len)
-        # Normalise by the global number of loss tokens of this step (every process can count
-        # them: the stream is known to all), so the update is the token-mean over the whole
-        # global batch however it is split into processes and micro-steps.
-        if teacher is None:
-            n_loss = sum(int((np.asarray(train[o + 1:o + cfg.seq_len + 1]) != tok.bos_id).sum()) for o in offsets)
-        else:
-            n_loss = n_windows * cfg.seq_len
+        # Each term is divided by its global count over this step (every process can count: the
+        # stream is known to all), so the update is the token mean over the whole global batch
+        # however it is split into processes and micro-steps. DDP averages gradients over the
+        # processes, hence the factor world_size.
+        n_lm = sum(int((np.asarray(train[o + 1:o + cfg.seq_len + 1]) != tok.bos_id).sum()) for o in offsets)
+        norm = normalisers(n_windows * cfg.seq_len, n_lm)
         logged = {}
         for m in range(accum):
             first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
@@ -285,46 +313,41 @@ def main(cfg):
             sync = nullcontext() if (not dist.ddp or m == accum - 1) else model.no_sync()
             with sync:
                 with autocast(device):
-                    if teacher is None:
-                        parts = {"lm": chunked_cross_entropy(model(x, doc, pos, head=False), raw.lm_head.weight,
-                                                             y, cfg.vocab_chunk)}
-                    else:
-                        parts = kd_losses(model, teacher, x, doc, pos, y, cfg, layer_map)
-                    loss = total_loss(parts, cfg, teacher) / n_loss * dist.world_size  # DDP averages
+                    parts = loss_sums(model, teacher, x, y, doc, pos, cfg, layer_map)
+                    loss = sum(weights[k] * v / norm[k] for k, v in parts.items()) * dist.world_size
                 loss.backward()
             for k, v in parts.items():
-                logged[k] = logged.get(k, 0.0) + v.detach() / n_loss
-        logged = torch.stack([logged[k] for k in sorted(logged)])
+                logged[k] = logged.get(k, 0.0) + v.detach() / norm[k]
+        names = sorted(logged)
+        means = torch.stack([logged[k] for k in names])
         if dist.ddp:  # every process holds its share of the global mean
-            torch.distributed.all_reduce(logged)
-        logged = dict(zip(sorted(parts), logged.tolist()))
+            torch.distributed.all_reduce(means)
+        logged = dict(zip(names, means.tolist()))
         if not all(np.isfinite(v) for v in logged.values()):
             raise FloatingPointError(f"step {step}: loss is not finite ({logged}); lower --lr")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        train_time += time.time() - t0  # tokens/s counts training only, not evals or checkpoints
         tokens_since += cfg.total_batch_size
         if master and ((step + 1) % cfg.log_interval == 0 or step + 1 == end):
-            dt = time.time() - t_last
-            row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_since / dt,
+            row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_since / train_time,
                    **{f"train_{k}": v for k, v in logged.items()}}
             if peak:
-                row["mfu"] = flops_tok * tokens_since / dt / (peak * dist.world_size)
+                row["mfu"] = flops_tok * row["tokens_per_s"] / (peak * dist.world_size)
             log.log(**row)
-            bar.set_postfix({k.removeprefix("train_"): f"{v:.3f}" for k, v in row.items() if k.startswith("train_")}
-                            | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-            t_last, tokens_since = time.time(), 0
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+            train_time, tokens_since = 0.0, 0
         if master and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
             save_checkpoint(cfg.out_dir, raw, opt, step + 1, cfg, tok)
     if master:
+        save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok)
         if end == cfg.max_steps and cfg.eval_interval:
             log.log(step=end, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map))
-        save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok)
         rows = read_metrics(log.path)
         keys = sorted({k for r in rows for k in r if k.startswith(("train_", "val_"))})
         plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, keys, title=f"distill.py: {cfg.out_dir}")
-        final = {k: v for k, v in rows[-1].items()} if rows else {}
-        print(f"[distill] saved {cfg.out_dir} at step {end}: {json.dumps(final)}", file=sys.stderr)
+        print(f"[distill] saved {cfg.out_dir} at step {end}: {json.dumps(rows[-1] if rows else {})}", file=sys.stderr)
     teardown_dist(dist)
 
 

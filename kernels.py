@@ -44,6 +44,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, fields
 
@@ -998,8 +999,27 @@ def swiglu_ffn(x, w_gate, w_up, w_down):
     return _SwiGLUFFN.apply(x, w_gate, w_up, w_down)
 
 
+def _kernel_head_dim(D):
+    return 16 <= D <= 256 and D & (D - 1) == 0
+
+
+def _reference_for_head_dim(q):
+    """Under "auto", a head dim the kernels do not take (e.g. 8 in a tiny model, or 96) runs the
+    reference instead of failing, with one warning; a forced "triton" backend still raises."""
+    if _backend == "auto" and not _kernel_head_dim(q.shape[-1]):
+        if q.shape[-1] not in _WARNED_HEAD_DIMS:
+            _WARNED_HEAD_DIMS.add(q.shape[-1])
+            warnings.warn(f"kernels: head dim {q.shape[-1]} is not a power of two in 16..256; attention "
+                          f"runs the PyTorch reference")
+        return True
+    return False
+
+
+_WARNED_HEAD_DIMS = set()
+
+
 def attention(q, k, v, causal=True, doc_ids=None):
-    if not _use_triton(q):
+    if not _use_triton(q) or _reference_for_head_dim(q):
         return attention_ref(q, k, v, causal, doc_ids)
     q, k, v = _autocast(q, k, v)
     _check_attention_inputs(q, k, v, doc_ids)
@@ -1008,7 +1028,7 @@ def attention(q, k, v, causal=True, doc_ids=None):
 
 
 def decode_attention(q, k_cache, v_cache, kv_start, kv_end):
-    if not _use_triton(q):
+    if not _use_triton(q) or _reference_for_head_dim(q):
         return decode_attention_ref(q, k_cache, v_cache, kv_start, kv_end)
     q, k_cache, v_cache = _autocast(q, k_cache, v_cache)
     return _decode_attention(q, k_cache, v_cache, kv_start, kv_end)

@@ -17,6 +17,7 @@ knows nothing of training or data. The math of attention, SwiGLU and RMSNorm liv
 import json
 import math
 import os
+import secrets
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -99,8 +100,11 @@ class ModelConfig:
         return b.intermediate_size or ffn_mult_to_intermediate_size(b.ffn_mult, self.hidden_size)
 
     def validate(self):
-        if self.num_attention_heads <= 0 or self.hidden_size <= 0 or self.vocab_size <= 0:
-            raise ValueError("hidden_size, num_attention_heads and vocab_size must be positive")
+        for k in ("hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
+                raise ValueError(f"{k} must be a positive integer, got {getattr(self, k)!r}")
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be positive and even (RoPE rotates pairs), got {self.head_dim}")
         if not self.block_configs:
             raise ValueError("block_configs is empty: a model needs at least one layer")
         for i, b in enumerate(self.block_configs):
@@ -120,6 +124,10 @@ class ModelConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default", None):
                 raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported (llama3 or default)")
+            need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in need if kind == "llama3" and k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling: llama3 scaling needs {missing}")
 
     def to_dict(self):
         d = asdict(self)
@@ -319,38 +327,40 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 stop_ids=(), seed=None, pad_id=0, check_done_every=16):
+                 stop_ids=(), seed=None, pad_id=0, vocab_limit=None, check_done_every=16):
         """Batched sampling for prompts of different lengths (list of lists of token ids).
         Prompts are left-padded so every row writes the same cache slot at each step; row b's
         pad slots are masked out (kv_start[b]) and its RoPE positions start at 0 on its first
         real token. Each row samples independently from one seeded generator. A row stops after
         emitting one of `stop_ids` (the stop token is kept as the row's last token).
-        Returns a list of generated token lists (prompts not included)."""
+        vocab_limit: only ids below it are sampled (a model whose embedding is padded beyond
+        its tokenizer). Returns a list of generated token lists (prompts not included)."""
         cfg, dev = self.config, self.inv_freq.device
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
         B, L = len(prompts), max(len(p) for p in prompts)
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        if longest > cfg.max_position_embeddings:
-            raise ValueError(f"generate: a prompt of {L} tokens + max_new_tokens={max_new_tokens} = "
-                             f"{longest} exceeds the model's context of {cfg.max_position_embeddings}")
-        if max_new_tokens <= 0:
-            return [[] for _ in prompts]
+        # the last sampled token is never fed back, so it needs no slot
+        if L + max_new_tokens - 1 > cfg.max_position_embeddings:
+            raise ValueError(f"generate: a prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds "
+                             f"the model's context of {cfg.max_position_embeddings}")
         gen = torch.Generator(device=dev)
-        gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         pad = torch.tensor([L - len(p) for p in prompts], device=dev)
         idx = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)
-        caches = KVCache.for_model(self, B, L + max_new_tokens, pad)
+        caches = KVCache.for_model(self, B, L + max_new_tokens - 1, pad)
         slots = torch.arange(L, device=dev)
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)
         doc_ids = (slots[None, :] >= pad[:, None]).long()  # pad tokens = document 0, prompt = 1
-        logits = self._forward_cached(idx, positions, caches, doc_ids)[:, -1]
+        logits = self._forward_cached(idx, positions, caches, doc_ids)
         stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
         pos = positions[:, -1]
         for t in range(max_new_tokens):
+            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                logits[:, vocab_limit:] = float("-inf")
             tok = sample_next(logits, temperature, top_k, top_p, gen)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out[:, t] = tok
@@ -362,16 +372,28 @@ class Transformer(nn.Module):
             pos = pos + 1
             for c in caches.values():
                 c.advance()
-            logits = self._forward_cached(tok[:, None], pos[:, None], caches)[:, -1]
+            logits = self._forward_cached(tok[:, None], pos[:, None], caches)
         out, lengths = out.tolist(), lengths.tolist()
         return [row[:n] for row, n in zip(out, lengths)]
 
     def _forward_cached(self, idx, positions, caches, doc_ids=None):
+        """Run the layers with the KV cache; logits of the last position only (B, V)."""
         h = self.model.embed_tokens(idx)
         rope = rope_cos_sin(self.inv_freq, positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, rope, doc_ids, caches.get(i))
-        return self.lm_head(self.model.norm(h))
+        return self.lm_head(self.model.norm(h[:, -1]))
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def sample_next(logits, temperature, top_k, top_p, generator):
@@ -380,9 +402,9 @@ def sample_next(logits, temperature, top_k, top_p, generator):
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_k is not None and top_k < logits.shape[-1]:  # exactly k survive, ties broken by index
+        keep = torch.topk(logits, top_k, dim=-1).indices
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, keep, logits.gather(-1, keep))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
@@ -431,7 +453,7 @@ class KVCache:
 
 def count_params(cfg):
     """Parameter count from the config alone (tied embeddings counted once)."""
-    H, D, Hq = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
+    H = cfg.hidden_size
     n = cfg.vocab_size * H * (1 if cfg.tie_word_embeddings else 2) + H  # embed, lm_head, final norm
     for i, b in enumerate(cfg.block_configs):
         n += layer_params(cfg, i)
@@ -522,8 +544,9 @@ def config_from_dict(d, where="config.json"):
                 raise ValueError(f"num_hidden_layers={d['num_hidden_layers']} but there are "
                                  f"{len(bcs)} block_configs")
             return ModelConfig(block_configs=[_block_from_decilm(b, i) for i, b in enumerate(bcs)], **common)
-        kv = d.get("num_key_value_heads") or heads
-        if heads % kv:
+        kv = d.get("num_key_value_heads")
+        kv = heads if kv is None else kv
+        if kv <= 0 or heads % kv:
             raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
         blocks = [BlockConfig("gqa", heads // kv, "swiglu", None, d["intermediate_size"])
                   for _ in range(d["num_hidden_layers"])]
@@ -547,6 +570,11 @@ def _block_from_decilm(b, i):
         attn, group = "linear", None
     else:
         attn, group = "gqa", a.get("n_heads_in_group")
+    known_f = {"ffn_mult", "no_op", "replace_with_linear", "sparsify", "intermediate_size"}
+    for k in set(f) - known_f:
+        raise ValueError(f"block_configs[{i}].ffn: unknown key {k!r}")
+    if f.get("sparsify") is not None:
+        raise ValueError(f"block_configs[{i}].ffn.sparsify={f['sparsify']!r}: not supported (null in the released models)")
     if f.get("no_op"):
         ffn = "no_op"
     elif f.get("replace_with_linear"):
@@ -579,8 +607,10 @@ def config_to_hf_dict(cfg):
         ffn = {"no_op": b.ffn == "no_op", "replace_with_linear": b.ffn == "linear", "ffn_mult": None}
         if b.ffn == "swiglu":
             ffn["ffn_mult"] = b.ffn_mult
-            # DeciLM's ffn_mult rounds widths up to multiples of 256; nano widths need the
-            # explicit size too (newer DeciLM configs accept `intermediate_size`).
+            # DeciLM's ffn_mult rounds widths up to multiples of 256. A width that is not such a
+            # multiple (every nano width) is written as `intermediate_size` as well: this file
+            # reads it back exactly, but tools that derive the width from ffn_mult alone (the
+            # released DeciLM code, vLLM, llama.cpp) would build a wider FFN and fail to load it.
             if b.ffn_mult is None or ffn_mult_to_intermediate_size(b.ffn_mult, cfg.hidden_size) != cfg.ffn_width(i):
                 ffn["ffn_mult"] = round(1.5 * cfg.ffn_width(i) / cfg.hidden_size, 6)
                 ffn["intermediate_size"] = cfg.ffn_width(i)
@@ -622,7 +652,7 @@ def _weight_files(folder):
 def load_model(path, device="cpu", dtype=torch.float32):
     """Build the model on the meta device, check every tensor name and shape against the
     checkpoint, and only then materialise: a bad checkpoint never loads partially."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     cfg = load_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -631,9 +661,15 @@ def load_model(path, device="cpu", dtype=torch.float32):
         expected.pop("lm_head.weight")
     found, where = {}, {}
     for f in _weight_files(path):
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                found[k], where[k] = tuple(sf.get_slice(k).get_shape()), f
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for k in sf.keys():
+                    if k in found:
+                        raise ValueError(f"tensor {k} is in both {os.path.basename(where[k])} and "
+                                         f"{os.path.basename(f)}")
+                    found[k], where[k] = tuple(sf.get_slice(k).get_shape()), f
+        except SafetensorError as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     if cfg.tie_word_embeddings and "lm_head.weight" in found:
         found.pop("lm_head.weight")  # some exports store the tied copy too; it is the same tensor
     problems = []
@@ -699,21 +735,24 @@ def save_model(model, folder, fmt="native", max_shard_bytes=None, metadata=None)
             cur, size = {}, 0
         cur[k], size = v, size + nbytes
     shards.append(cur)
-    for stale in os.listdir(folder):  # weights from an earlier save must not mix with these
-        if stale.startswith("model") and stale.endswith((".safetensors", ".safetensors.index.json")):
-            os.remove(os.path.join(folder, stale))
+    written = []
     if len(shards) == 1:
-        _atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(shards[0], p, meta))
+        written.append("model.safetensors")
+        _atomic_write(os.path.join(folder, written[0]), lambda p: save_file(shards[0], p, meta))
     else:
         weight_map = {}
         for j, shard in enumerate(shards):
             name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
             _atomic_write(os.path.join(folder, name), lambda p: save_file(shard, p, meta))
             weight_map.update({k: name for k in shard})
+            written.append(name)
         total = sum(v.numel() * v.element_size() for v in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write(os.path.join(folder, "model.safetensors.index.json"),
-                      lambda p: open(p, "w").write(json.dumps(index, indent=2)))
+        written.append("model.safetensors.index.json")
+        _atomic_write(os.path.join(folder, written[-1]), lambda p: open(p, "w").write(json.dumps(index, indent=2)))
+    for stale in os.listdir(folder):  # weights of an earlier save must not mix with these
+        if stale not in written and stale.startswith("model") and stale.endswith((".safetensors", ".index.json")):
+            os.remove(os.path.join(folder, stale))
     _atomic_write(os.path.join(folder, "config.json"), lambda p: open(p, "w").write(json.dumps(conf, indent=2)))
 
 

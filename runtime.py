@@ -9,8 +9,10 @@ overrides. Values are Python literals checked against the field's type; an unkno
 error that lists the valid ones.
 """
 import ast
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -60,11 +62,17 @@ def _coerce(name, raw, typ, where):
     raise ConfigError(f"{where}: {name}={raw!r} is not a valid {getattr(typ, '__name__', typ)}")
 
 
-def _literal(text):
+def _literal(text, typ):
+    """Flag text -> value. String fields take the text as typed (only matching outer quotes are
+    removed), so --prompt=1.50 stays "1.50"; other fields read a Python literal."""
+    if str in (typ, *typing.get_args(typ)) and text.lower() != "none":
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return text[1:-1]
+        return text
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text  # a bare word such as --device=cpu is a string
+        return text  # not a literal: _coerce names the flag and the expected type
 
 
 def read_preset(path):
@@ -107,7 +115,7 @@ def parse_config(cls, argv=None):
             if "=" not in arg:
                 raise ConfigError(f"flag {arg!r}: use --key=value")
             key, text = arg[2:].split("=", 1)
-            put(key, _literal(text), f"flag --{key}")
+            put(key, _literal(text, types_.get(key, str)), f"flag --{key}")
         else:
             for key, raw in read_preset(arg).items():
                 put(key, raw, f"config file {arg}")
@@ -150,17 +158,22 @@ class Dist:
         return self.world_size > 1
 
 
-def setup_dist(device="auto"):
-    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; pick cuda (one GPU per local rank) or cpu;
-    start the process group (nccl on GPU, gloo on CPU)."""
-    import torch
-    import torch.distributed as td
+def pick_device(device="auto"):
+    """--device: auto (cuda when there is a GPU), cpu or cuda."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"flag --device: expected auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("flag --device=cuda: no CUDA device is available")
+    return device
+
+
+def setup_dist(device="auto"):
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; pick cuda (one GPU per local rank) or cpu;
+    start the process group (nccl on GPU, gloo on CPU)."""
+    import torch.distributed as td
+    device = pick_device(device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
@@ -181,8 +194,6 @@ def teardown_dist(dist):
 def autocast(device):
     """bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU, where bf16
     matmuls are slower than fp32 on most cores."""
-    import contextlib
-    import torch
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -199,17 +210,16 @@ def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
 
 
 def lr_at(step, max_steps, lr, warmup_steps, min_lr_frac=0.1):
-    """Linear warmup, then cosine decay to min_lr_frac * lr at max_steps."""
+    """Linear warmup over steps 0..warmup-1, then cosine decay that reaches min_lr_frac * lr at
+    the last step (max_steps - 1)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    import math
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - 1 - warmup_steps))
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu"):
     """AdamW; matrices decay, vectors (norm weights) do not."""
-    import torch
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -270,7 +280,6 @@ def plot_curves(path_png, rows, keys, xkey="step", title=""):
 # trainer_state.pt (optimizer, step) read back with weights_only=True, plus the resolved config.
 
 def save_checkpoint(out_dir, model, optimizer, step, cfg, tokenizer=None, extra=None):
-    import torch
     from model import save_model
     save_model(model, out_dir, metadata={"step": step})
     if tokenizer is not None:
@@ -284,7 +293,6 @@ def save_checkpoint(out_dir, model, optimizer, step, cfg, tokenizer=None, extra=
 
 
 def load_trainer_state(out_dir):
-    import torch
     path = os.path.join(out_dir, "trainer_state.pt")
     if not os.path.isfile(path):
         raise ConfigError(f"--resume=True but {path} does not exist")
@@ -302,8 +310,9 @@ def load_trainer_state(out_dir):
 # Losses over the vocabulary, computed chunk by chunk. With a 128k vocabulary, B=8, T=4096 the
 # logits alone are 8*4096*128256*4 bytes = 16.8 GB in fp32; KD needs the teacher's too. Each chunk
 # of rows applies lm_head, takes the fp32 log-softmax and reduces to a scalar inside
-# torch.utils.checkpoint, so backward recomputes the chunk instead of keeping it: at most one
-# chunk x V fp32 block (per model) is alive at any time.
+# torch.utils.checkpoint, so nothing of size chunk x V is kept for backward: backward recomputes
+# one chunk at a time, and memory holds a few chunk x V fp32 temporaries (logits, log-probs and
+# their gradients) instead of B x T x V of each.
 
 def _ce_chunk(h, w, y):
     return F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100, reduction="sum")

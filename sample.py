@@ -7,6 +7,7 @@ reasoning-off greedily: those are the defaults here when --temperature / --top_p
 
     python sample.py --ckpt=out/sft --prompt="3+5+2=" --reasoning=on
     python sample.py --ckpt=PATH --prompt="..." --reasoning=off --temperature=0 --max_new_tokens=64
+    python sample.py --ckpt=out/parent --chat=False --prompt="3+5 is"    # a base model: plain text
 
 Reads: a checkpoint folder (native, Hugging Face Llama or DeciLM; config.json + safetensors) with
 its tokenizer (`tokenizer.model` at the root or under `original/`). Prints only the assistant's
@@ -20,7 +21,7 @@ import torch
 
 from data import load_tokenizer
 from model import load_model
-from runtime import run_main
+from runtime import ConfigError, pick_device, run_main
 
 
 @dataclass
@@ -28,6 +29,7 @@ class SampleConfig:
     ckpt: str = "out/sft"              # checkpoint folder
     prompt: str = "Hello"              # the user turn
     reasoning: str = "on"              # on | off: the system prompt toggle
+    chat: bool = True                  # False: continue --prompt as plain text (a base model)
     temperature: float | None = None   # default: 0.6 when reasoning is on, 0 (greedy) when off
     top_p: float | None = None         # default: 0.95 when reasoning is on, 1.0 when off
     top_k: int | None = None
@@ -38,34 +40,34 @@ class SampleConfig:
     dtype: str = "float32"             # float32 | bfloat16 | float16
 
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def main(cfg):
     if cfg.reasoning not in ("on", "off"):
         sys.exit(f"error: --reasoning must be on or off, got {cfg.reasoning!r}")
     on = cfg.reasoning == "on"
     temperature = cfg.temperature if cfg.temperature is not None else (0.6 if on else 0.0)
     top_p = cfg.top_p if cfg.top_p is not None else (0.95 if on else 1.0)
-    device = pick_device(cfg.device)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.dtype not in dtypes:
+        sys.exit(f"error: --dtype must be one of {', '.join(dtypes)}, got {cfg.dtype!r}")
     try:
+        device = pick_device(cfg.device)
         tok = load_tokenizer(cfg.ckpt)
-        model = load_model(cfg.ckpt, device=device, dtype=getattr(torch, cfg.dtype)).eval()
-    except (ValueError, FileNotFoundError) as e:
+        model = load_model(cfg.ckpt, device=device, dtype=dtypes[cfg.dtype]).eval()
+    except (ValueError, FileNotFoundError, ConfigError) as e:
         sys.exit(f"error: {e}")
     if tok.n_vocab > model.config.vocab_size:
         sys.exit(f"error: the tokenizer in {cfg.ckpt} has {tok.n_vocab} tokens but the model's "
                  f"vocabulary is {model.config.vocab_size}")
-    ids, _ = tok.render_chat([{"role": "user", "content": cfg.prompt}], reasoning=cfg.reasoning,
-                             add_generation_prompt=True)
+    if cfg.chat:
+        ids, _ = tok.render_chat([{"role": "user", "content": cfg.prompt}], reasoning=cfg.reasoning,
+                                 add_generation_prompt=True)
+    else:
+        ids = [tok.bos_id] + tok.encode(cfg.prompt)
     t0 = time.time()
     try:
         outs = model.generate([ids] * cfg.num_samples, cfg.max_new_tokens, temperature=temperature,
                               top_k=cfg.top_k, top_p=top_p, stop_ids=tok.stop_ids, seed=cfg.seed,
-                              pad_id=tok.pad_id)
+                              pad_id=tok.pad_id, vocab_limit=tok.n_vocab)
     except ValueError as e:
         sys.exit(f"error: {e}")
     dt = time.time() - t0

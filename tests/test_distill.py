@@ -1,6 +1,6 @@
 """distill.py and the training runtime: DDP = single process, resume = straight run, the KD loss
 against direct computations, and clear errors on bad input."""
-import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -44,22 +44,28 @@ def max_diff(a, b):
 
 
 def test_ddp_two_processes_equal_one(data_dir, tmp_path):
+    """2 gloo processes x 2 micro-steps (no gradient sync on the first) == 1 process x 4."""
     env = {**ENV, "OMP_NUM_THREADS": "1"}
-    common = TINY + [f"--data_dir={data_dir}", "--max_steps=6"]
+    common = TINY + [f"--data_dir={data_dir}", "--max_steps=6", "--total_batch_size=512", "--tie_embeddings=True"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "distill.py", *common, f"--out_dir={tmp_path / 'A'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es)" in r.stderr and "1 micro-steps" in r.stderr
+    assert "2 process(es)" in r.stderr and "2 micro-steps" in r.stderr
     r = subprocess.run([sys.executable, "distill.py", *common, f"--out_dir={tmp_path / 'B'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 micro-steps" in r.stderr
+    assert "1 process(es)" in r.stderr and "4 micro-steps" in r.stderr
     a, b = load_file(str(tmp_path / "A" / "model.safetensors")), load_file(str(tmp_path / "B" / "model.safetensors"))
     assert max_diff(a, b) <= 1e-4
     torch.manual_seed(7)  # the weights both runs started from
-    init = distill.build_student(parse_config(distill.DistillConfig, TINY), load_tokenizer(data_dir).n_vocab)
+    init = distill.build_student(parse_config(distill.DistillConfig, common), load_tokenizer(data_dir).n_vocab)
     assert max_diff(a, {k: v for k, v in init.state_dict().items() if k in a}) > 1e-3  # and they trained
+    rows = [json.loads(x) for x in open(tmp_path / "A" / "metrics.jsonl")]
+    logged = [json.loads(x) for x in open(tmp_path / "B" / "metrics.jsonl")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)  # throughput is logged
+    for ra, rb in zip(rows, logged):  # the logged loss is the global mean, not rank 0's share
+        assert abs(ra["train_lm"] - rb["train_lm"]) < 1e-4
 
 
 def test_resume_equals_straight_run(data_dir, tmp_path):
@@ -69,13 +75,12 @@ def test_resume_equals_straight_run(data_dir, tmp_path):
     resumed = run(data_dir, tmp_path / "R", "--max_steps=6", "--resume=True")
     assert max_diff(straight, resumed) <= 1e-5
     assert max_diff(straight, half) > 1e-3  # the first invocation really stopped early
-    steps = [r["step"] for r in map(eval_json, open(tmp_path / "R" / "metrics.jsonl")) if "train_lm" in r]
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "R" / "metrics.jsonl")) if "train_lm" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run appended to the same log
-
-
-def eval_json(line):
-    import json
-    return json.loads(line)
+    with pytest.raises(ConfigError, match="already at step 6"):
+        run(data_dir, tmp_path / "R", "--max_steps=6", "--resume=True")
+    with pytest.raises(ConfigError, match=r"settings changed: \['seed: 7 -> 8'\]"):
+        run(data_dir, tmp_path / "R", "--max_steps=6", "--resume=True", "--seed=8")
 
 
 def test_kd_loss_matches_direct_computation():
@@ -108,12 +113,36 @@ def test_kd_moves_student_toward_teacher(data_dir, tmp_path):
     kd = ["--teacher=" + str(tmp_path / "parent"), "--init_from=" + str(child), "--n_layer=1",
           "--eval_interval=4", "--lr=1e-2"]
     run(data_dir, tmp_path / "kd", "--max_steps=8", *kd)
-    rows = [eval_json(x) for x in open(tmp_path / "kd" / "metrics.jsonl")]
+    rows = [json.loads(x) for x in open(tmp_path / "kd" / "metrics.jsonl")]
     val = [r for r in rows if "val_kl" in r]
     assert len(val) == 2 and val[-1]["val_kl"] < 0.8 * val[0]["val_kl"]
     assert "val_cos" in val[0] and all(k in rows[0] for k in ("train_kl", "train_cos"))
     assert distill.parse_layer_map("auto", 1, 2) == {0: 1}
     assert distill.parse_layer_map("auto", 4, 8) == {0: 1, 1: 3, 2: 5, 3: 7}
+    assert distill.parse_layer_map("auto", 5, 2) == {0: 0, 1: 0, 2: 0, 3: 1, 4: 1}  # never layer -1
+    assert distill.parse_layer_map("0:1,2:0", 3, 2) == {0: 1, 2: 0}
+    with pytest.raises(ConfigError, match="out of range"):
+        distill.parse_layer_map("0:2", 3, 2)
+
+
+def test_kd_terms_of_a_step_match_direct_computation(data_dir):
+    """loss_sums + normalisers against the formulas written out on full logits."""
+    cfg = parse_config(distill.DistillConfig, TINY + ["--lm_weight=0.5", "--kd_temperature=2.0"])
+    torch.manual_seed(0)
+    student, teacher = distill.build_student(cfg, 768), distill.build_student(cfg, 768)
+    x = torch.randint(0, 768, (2, 9))
+    y = torch.randint(0, 768, (2, 9))
+    y[0, 0] = -100
+    doc, pos = torch.ones_like(x), torch.arange(9).expand(2, 9)
+    parts = distill.loss_sums(student, teacher, x, y, doc, pos, cfg, {0: 1, 1: 0})
+    (ls, hs), (lt, ht) = student(x, return_hidden=True), teacher(x, return_hidden=True)
+    kl = (F.softmax(lt / 2, -1) * (F.log_softmax(lt / 2, -1) - F.log_softmax(ls / 2, -1))).sum() * 4
+    cos = (1 - F.cosine_similarity(hs[0], ht[1], dim=-1)).sum() + (1 - F.cosine_similarity(hs[1], ht[0], dim=-1)).sum()
+    lm = F.cross_entropy(ls.flatten(0, 1), y.flatten(), reduction="sum")
+    for k, ref in (("kl", kl), ("cos", cos), ("lm", lm)):
+        assert torch.allclose(parts[k], ref, rtol=1e-4), k
+    assert distill.loss_weights(cfg, teacher) == {"kl": 1.0, "cos": 1.0, "lm": 0.5}
+    assert distill.normalisers(18, 17) == {"kl": 18, "cos": 18, "lm": 17}
 
 
 def test_bad_input_errors(data_dir, tmp_path):
@@ -133,6 +162,8 @@ def test_bad_input_errors(data_dir, tmp_path):
         run(data_dir, tmp_path / "none", "--max_steps=2", "--resume=True")
     with pytest.raises(ConfigError, match="unknown key 'n_layers'; valid keys: .*n_layer"):
         parse_config(distill.DistillConfig, ["--n_layers=3"])
+    with pytest.raises(ConfigError, match="pretrain_val holds .* fewer than one window of --seq_len=8192"):
+        run(data_dir, tmp_path / "x", "--seq_len=8192", "--max_steps=1")
     with pytest.raises(ConfigError, match="multiple of"):
         run(data_dir, tmp_path / "x", "--total_batch_size=100")
 

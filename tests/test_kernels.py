@@ -445,3 +445,15 @@ def test_model_generation_matches_reference():
         ref = model.generate(prompts, max_new_tokens=6, temperature=0)
     assert fast == ref
     assert len({tuple(r) for r in ref}) > 1      # not a degenerate all-same output
+
+
+def test_auto_falls_back_to_reference_for_head_dims_the_kernel_does_not_take(monkeypatch):
+    """A tiny model (head dim 8) still runs on a GPU: "auto" uses the reference, with a warning."""
+    monkeypatch.setattr(kernels, "CPU_BACKEND", "triton")  # what "auto" does for CUDA tensors
+    monkeypatch.setattr(kernels, "_WARNED_HEAD_DIMS", set())
+    q, k, v = torch.randn(3, 1, 4, 7, 8, device=DEV).unbind(0)
+    before = sum(kernels.TRITON_CALLS.values())
+    with pytest.warns(UserWarning, match="head dim 8"):
+        out = kernels.attention(q, k, v)
+    assert torch.allclose(out, kernels.attention_ref(q, k, v))
+    assert sum(kernels.TRITON_CALLS.values()) == before

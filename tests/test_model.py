@@ -52,7 +52,10 @@ def hf_llama(folder, kv_heads=2, tied=False, old_style=False, seed=0):
 @pytest.mark.parametrize("kv_heads,tied,old_style", [(2, False, False), (4, True, False),
                                                      (1, False, True), (2, True, True)])
 def test_matches_transformers_logits_and_greedy_generation(tmp_path, kv_heads, tied, old_style):
+    """Logits to 1e-5, greedy tokens of model.generate (batched, different prompt lengths) and of
+    the sample.py command line equal transformers' for GQA / MHA, tied / untied, both configs."""
     hf = hf_llama(tmp_path, kv_heads, tied, old_style)
+    check_sample_cli(hf, tmp_path)
     cfg = load_config(str(tmp_path))
     assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.tie_word_embeddings == tied
     assert cfg.kv_heads(0) == kv_heads
@@ -70,18 +73,17 @@ def test_matches_transformers_logits_and_greedy_generation(tmp_path, kv_heads, t
         assert len(set(o)) > 3  # the comparison is not between two constant sequences
 
 
-def test_sample_cli_matches_transformers(tmp_path):
+def check_sample_cli(hf, folder, n=20):
     from data import load_tokenizer
-    hf = hf_llama(tmp_path, kv_heads=2)
-    write_byte_tokenizer(tmp_path)
-    tok = load_tokenizer(str(tmp_path))
+    write_byte_tokenizer(folder)
+    tok = load_tokenizer(str(folder))
     ids, _ = tok.render_chat([{"role": "user", "content": "3+5+2="}], reasoning="on", add_generation_prompt=True)
-    n = 20
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
                       eos_token_id=tok.stop_ids)[0, len(ids):].tolist()
     if ref and ref[-1] in tok.stop_ids:
         ref = ref[:-1]
-    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path}", "--prompt=3+5+2=", "--reasoning=on",
+    assert len(set(ref)) > 3
+    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={folder}", "--prompt=3+5+2=", "--reasoning=on",
                         "--temperature=0", f"--max_new_tokens={n}", "--seed=1"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -270,3 +272,72 @@ def test_cached_prefill_respects_doc_ids_of_left_padding():
     alone = model.generate([[3, 4, 5]], 12, temperature=0)
     padded = model.generate([[3, 4, 5], list(range(1, 20))], 12, temperature=0)
     assert padded[0] == alone[0]
+
+
+def test_sampling_arguments_are_checked():
+    model = Transformer(hetero_config()).eval()
+    for kw, msg in ((dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), "top_p must be in"),
+                    (dict(temperature=-1.0), "temperature must be >= 0"), (dict(max_new_tokens=0), "positive")):
+        args = dict(max_new_tokens=4, temperature=1.0) | kw
+        with pytest.raises(ValueError, match=msg):
+            model.generate([[1, 2]], **args)
+
+
+def test_vocab_limit_and_global_rng_untouched():
+    torch.manual_seed(0)
+    model = Transformer(hetero_config()).eval()
+    outs = model.generate([[1, 2, 3]] * 8, 20, temperature=2.0, seed=0, vocab_limit=10)
+    assert all(t < 10 for o in outs for t in o)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    model.generate([[1, 2]], 3, temperature=1.0)  # seed=None: a fresh seed, not the global RNG's
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_top_k_keeps_exactly_k_on_ties():
+    logits = torch.zeros(1, 6)
+    g = torch.Generator().manual_seed(0)
+    assert len({int(sample_next(logits, 1.0, 1, None, g)) for _ in range(30)}) == 1  # one survivor
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+    torch.manual_seed(0)
+    model = Transformer(hetero_config())
+    save_model(model, str(tmp_path))
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError):
+        save_model(Transformer(hetero_config()), str(tmp_path))
+    monkeypatch.undo()
+    again = load_model(str(tmp_path))  # the earlier checkpoint is whole
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_more_bad_checkpoints(tmp_path):
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    save_model(Transformer(hetero_config()), str(tmp_path), max_shard_bytes=20_000)
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    a, b = load_file(str(tmp_path / first)), load_file(str(tmp_path / second))
+    dup = next(iter(a))
+    save_file({**b, dup: a[dup]}, str(tmp_path / second))
+    with pytest.raises(ValueError, match=f"tensor {dup} is in both"):
+        load_model(str(tmp_path))
+    (tmp_path / second).write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_model(str(tmp_path))
+    with pytest.raises(ValueError, match=r"ffn: unknown key 'weird'"):
+        config_from_dict(decilm_dict(block_configs=[{"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 1.0, "weird": 1}}] * 2))
+    with pytest.raises(ValueError, match=r"llama3 scaling needs \['low_freq_factor'\]"):
+        config_from_dict(decilm_dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192}))
+    with pytest.raises(ValueError, match="head_dim must be positive and even"):
+        ModelConfig(head_dim=7, block_configs=[BlockConfig()])
+    with pytest.raises(ValueError, match="max_position_embeddings must be a positive integer"):
+        ModelConfig(max_position_embeddings=0, block_configs=[BlockConfig(intermediate_size=8)])
