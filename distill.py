@@ -65,7 +65,7 @@ class DistillConfig:
     # optimisation
     total_batch_size: int = 8192         # tokens per optimizer step (16 seqs x 256 x 2 micro-steps)
     device_batch_size: int = 16          # sequences per micro-step per process
-    max_steps: int = 700                 # length of the run and of the LR schedule
+    max_steps: int = 300                 # length of the run and of the LR schedule (~3 min here)
     stop_after: int = 0                  # end this invocation after this many more steps (0 = run
                                          # to max_steps); continue later with --resume=True
     lr: float = 3e-3
@@ -256,6 +256,10 @@ def main(cfg):
         if teacher.config.vocab_size != mcfg.vocab_size:
             raise ConfigError(f"teacher {cfg.teacher} has a vocabulary of {teacher.config.vocab_size}, "
                               f"the student {mcfg.vocab_size}: KL needs the same vocabulary")
+        if cfg.cosine_weight and teacher.config.hidden_size != mcfg.hidden_size:
+            raise ConfigError(f"--cosine_weight={cfg.cosine_weight} compares hidden states, but the teacher's "
+                              f"hidden size is {teacher.config.hidden_size} and the student's {mcfg.hidden_size} "
+                              f"(a Puzzle child keeps the parent's width); use --cosine_weight=0")
         layer_map = parse_layer_map(cfg.layer_map, mcfg.num_hidden_layers, teacher.config.num_hidden_layers)
     for who, m in (("model", model), ("teacher", teacher)):
         if m is not None and cfg.seq_len > m.config.max_position_embeddings:

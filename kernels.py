@@ -229,31 +229,47 @@ def _prune_attn(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _key_block_mask(offs_m, offs_n, doc_q, doc_base, T,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Which (query, key) pairs of a block may attend, and whether any does. Shared by the
+    forward and the dQ loop, which walk the same key blocks for a query block."""
+    keep = offs_n[None, :] < T                       # (1, BLOCK_N); all True outside MASKED
+    if MASKED and CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None])
+    run = 1
+    if HAS_DOC:
+        doc_k = tl.load(doc_base + offs_n, mask=offs_n < T, other=-1)
+        keep = keep & (doc_q[:, None] == doc_k[None, :])
+        # A key block that shares no document with this query block adds exactly nothing:
+        # skip both matmuls. With packed short documents that is most of the blocks.
+        run = tl.max(keep.to(tl.int32))
+    return keep, run
+
+
+@triton.jit
+def _load_kv_block(k_base, v_base, offs_n, stride_kt, stride_vt, T,
+                   MASKED: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        kv_mask = offs_n[:, None] < T
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
 def _attn_fwd_loop(acc, l_i, m_i, q, doc_q, k_base, v_base, doc_base, stride_kt, stride_vt,
                    offs_m, lo, hi, T, qk_scale,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = offs_n[None, :] < T                       # (1, BLOCK_N); all True outside MASKED
-        if MASKED and CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        run = 1
-        if HAS_DOC:
-            doc_k = tl.load(doc_base + offs_n, mask=offs_n < T, other=-1)
-            keep = keep & (doc_q[:, None] == doc_k[None, :])
-            # A key block that shares no document with this query block adds exactly nothing:
-            # skip both matmuls. With packed short documents that is most of the blocks.
-            run = tl.max(keep.to(tl.int32))
+        keep, run = _key_block_mask(offs_m, offs_n, doc_q, doc_base, T, MASKED, CAUSAL, HAS_DOC)
         if run > 0:
-            if MASKED:
-                kv_mask = offs_n[:, None] < T
-                k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-            else:
-                k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
-                v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+            k, v = _load_kv_block(k_base, v_base, offs_n, stride_kt, stride_vt, T, MASKED, HEAD_DIM)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if MASKED or HAS_DOC:
                 s = tl.where(keep, s, float("-inf"))
@@ -452,25 +468,11 @@ def _attn_bwd_dq_loop(dq, q, do, lse, delta, doc_q, offs_m, k_base, v_base, doc_
                       lo, hi, T, qk_scale,
                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
                       PREC: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = offs_n[None, :] < T
-        if MASKED and CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        run = 1
-        if HAS_DOC:
-            doc_k = tl.load(doc_base + offs_n, mask=offs_n < T, other=-1)
-            keep = keep & (doc_q[:, None] == doc_k[None, :])
-            run = tl.max(keep.to(tl.int32))
+        keep, run = _key_block_mask(offs_m, offs_n, doc_q, doc_base, T, MASKED, CAUSAL, HAS_DOC)
         if run > 0:
-            if MASKED:
-                kv_mask = offs_n[:, None] < T
-                k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-            else:
-                k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :])
-                v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+            k, v = _load_kv_block(k_base, v_base, offs_n, stride_kt, stride_vt, T, MASKED, HEAD_DIM)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             p = tl.exp2(s - lse[:, None])
             if MASKED or HAS_DOC:

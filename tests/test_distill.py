@@ -156,6 +156,8 @@ def test_bad_input_errors(data_dir, tmp_path):
     run(data_dir, tmp_path / "p", "--max_steps=1")
     with pytest.raises(ConfigError, match="teacher .* vocabulary of 100"):
         run(data_dir, tmp_path / "x", "--max_steps=1", f"--teacher={tmp_path / 'small'}")
+    with pytest.raises(ConfigError, match="teacher's hidden size is 32 and the student's 64"):
+        run(data_dir, tmp_path / "x", "--max_steps=1", f"--teacher={tmp_path / 'p'}", "--n_embd=64")
     with pytest.raises(ConfigError, match="another architecture .*block_configs"):
         run(data_dir, tmp_path / "p", "--max_steps=2", "--resume=True", "--n_layer=3")
     with pytest.raises(ConfigError, match="trainer_state.pt does not exist"):

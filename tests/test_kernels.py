@@ -267,7 +267,7 @@ def _function_span(src, name):
 
 
 MUTANTS = [  # (function, original text, planted bug, check that must catch it)
-    ("_attn_fwd_loop", "offs_n[None, :] <= offs_m[:, None]", "offs_n[None, :] < offs_m[:, None]",
+    ("_key_block_mask", "offs_n[None, :] <= offs_m[:, None]", "offs_n[None, :] < offs_m[:, None]",
      lambda m: check_attention(m, 1, 4, 2, 17, 32, True, None)),
     ("_attn_fwd_body", "hk = (h // GROUP)", "hk = (h % GROUP)",
      lambda m: check_attention(m, 1, 4, 2, 17, 32, True, None)),
@@ -277,7 +277,7 @@ MUTANTS = [  # (function, original text, planted bug, check that must catch it)
      lambda m: check_attention(m, 1, 4, 4, 17, 32, True, None)),
     ("_attn_bwd_dkdv_body", "for g in range(GROUP):", "for g in range(1):",
      lambda m: check_attention(m, 1, 4, 2, 17, 32, True, None)),
-    ("_attn_bwd_dq_loop", "run = tl.max(keep.to(tl.int32))", "run = tl.min(keep.to(tl.int32))",
+    ("_key_block_mask", "run = tl.max(keep.to(tl.int32))", "run = tl.min(keep.to(tl.int32))",
      lambda m: check_attention(m, 1, 4, 4, 67, 32, True, "packed")),
     ("_decode_split_kernel", "ok = (offs_n >= start) & (offs_n < hi)", "ok = offs_n < hi",
      lambda m: check_decode(m, 3, 4, 2, 67, 32)),
