@@ -111,6 +111,11 @@ def parse_config(cls, argv=None):
         values[key] = _coerce(key, raw, types_[key], where)
 
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(f"{cls.__name__}: --key=value overrides (preset files as bare paths); defaults:")
+            for f in dataclasses.fields(cls):
+                print(f"  --{f.name}={getattr(cls, f.name, f.default)!r}")
+            sys.exit(0)
         if arg.startswith("--"):
             if "=" not in arg:
                 raise ConfigError(f"flag {arg!r}: use --key=value")

@@ -26,7 +26,7 @@ from runtime import ConfigError, pick_device, run_main
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/sft"              # checkpoint folder
+    ckpt: str = "out/parent"           # checkpoint folder (any format model.py reads)
     prompt: str = "Hello"              # the user turn
     reasoning: str = "on"              # on | off: the system prompt toggle
     chat: bool = True                  # False: continue --prompt as plain text (a base model)

@@ -1,0 +1,74 @@
+"""runtime.py: configuration, LR schedule, batch bookkeeping."""
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from runtime import (ConfigError, doc_ids_and_positions, grad_accum_steps, lr_at, parse_config,
+                     read_preset)
+
+
+@dataclass
+class Cfg:
+    name: str = "x"
+    steps: int = 10
+    lr: float = 1e-3
+    flag: bool = False
+    maybe: float | None = None
+
+
+def test_flags_presets_and_types(tmp_path):
+    preset = tmp_path / "p.py"
+    preset.write_text('"""a preset"""\n# comment\nsteps = 20\nlr = 3e-4\nname = "from-file"\n')
+    cfg = parse_config(Cfg, [str(preset), "--steps=1e2", "--flag=True", "--name=1.50", "--maybe=0.5"])
+    assert cfg == Cfg(name="1.50", steps=100, lr=3e-4, flag=True, maybe=0.5)  # flags win over presets
+    assert parse_config(Cfg, ["--maybe=None", "--name='a b'"]) == Cfg(name="a b")
+    with pytest.raises(ConfigError, match="unknown key 'step'; valid keys: flag, lr, maybe, name, steps"):
+        parse_config(Cfg, ["--step=3"])
+    with pytest.raises(ConfigError, match="flag --steps: steps=2.5 is not a valid int"):
+        parse_config(Cfg, ["--steps=2.5"])
+    with pytest.raises(ConfigError, match="flag --flag"):
+        parse_config(Cfg, ["--flag=maybe"])
+    with pytest.raises(ConfigError, match="use --key=value"):
+        parse_config(Cfg, ["--flag"])
+
+
+def test_presets_are_never_executed(tmp_path):
+    bad = tmp_path / "evil.py"
+    bad.write_text("import os\nsteps = 3\n")
+    with pytest.raises(ConfigError, match=r"evil.py:1: only `name = literal` lines"):
+        read_preset(str(bad))
+    bad.write_text("steps = __import__('os').getpid()\n")
+    with pytest.raises(ConfigError, match="evil.py:1: the value of steps is not a literal"):
+        read_preset(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_preset(str(tmp_path / "nope.py"))
+
+
+def test_help_lists_the_keys(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Cfg, ["--help"])
+    assert e.value.code == 0 and "--steps=10" in capsys.readouterr().out
+
+
+def test_lr_schedule_endpoints():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)  # cosine to min at the last step
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_grad_accum_from_global_batch():
+    assert grad_accum_steps(8192, 16, 256, 1) == 2
+    assert grad_accum_steps(8192, 16, 256, 2) == 1
+    with pytest.raises(ConfigError, match="multiple of"):
+        grad_accum_steps(8192, 16, 256, 3)
+
+
+def test_doc_ids_and_positions_restart_at_bos():
+    x = torch.tensor([[7, 1, 5, 7, 2, 7, 3, 4]])
+    doc, pos = doc_ids_and_positions(x, bos_id=7)
+    assert doc.tolist() == [[1, 1, 1, 2, 2, 3, 3, 3]]
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    doc, pos = doc_ids_and_positions(torch.tensor([[4, 5, 7, 6]]), bos_id=7)  # window starts mid-document
+    assert doc.tolist() == [[0, 0, 1, 1]] and pos.tolist() == [[0, 1, 0, 1]]
