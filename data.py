@@ -362,8 +362,8 @@ def split_reasoning(response_text):
     both stripped; no </think> gives (None, whole response stripped); an unclosed <think> (a
     generation cut off mid-thought) gives (what follows <think>, "")."""
     text = response_text.strip()
-    if THINK_END in text:
-        reasoning, answer = text.split(THINK_END, 1)
+    if THINK_END in text:  # the last </think>, as the chat template cuts history turns
+        reasoning, answer = text.rsplit(THINK_END, 1)
         reasoning = reasoning.strip()
         if reasoning.startswith(THINK_START):
             reasoning = reasoning[len(THINK_START):]
@@ -569,10 +569,21 @@ def _doc_chains(rng, split, k_min, k_max):
     return "\n\n".join(parts)
 
 
-def _doc_words(rng):
+def _states_only(split, problems):
+    """Pretraining text for the train split may only state answers of train problems (val/test
+    problems must stay unseen); the val corpus only measures loss, so it takes anything."""
+    return split != "train" or all(problem_split(p) == "train" for p in problems)
+
+
+def _doc_words(rng, split):
+    """Sentences over the word vocabulary. Each states answers of chat tasks (a repeated phrase is
+    an echo, a list's length and last word are count and last, a run of numbers answers next), so
+    a word list or number run is redrawn until all the problems it answers are in `split`."""
     parts = []
     for _ in range(rng.randint(3, 6)):
         words = [rng.choice(WORDS) for _ in range(rng.randint(1, 5))]
+        while not _states_only(split, [chat_problem(t, words) for t in ("echo", "count", "last", "list")]):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(1, 5))]
         name, style = rng.choice(NAMES), rng.randrange(5)
         if style == 0:
             parts.append(f"{name} has a {words[0]} and a {words[-1]}.")
@@ -585,8 +596,10 @@ def _doc_words(rng):
         elif style == 3:
             parts.append("Items:\n" + "\n".join(f"- {w}" for w in words))
         else:
-            n = rng.randrange(990)
-            parts.append(f"Counting: {', '.join(str(n + i) for i in range(rng.randint(3, 8)))}.")
+            n, m = rng.randrange(990), rng.randint(3, 8)
+            while not _states_only(split, [chat_problem("next", [n + i]) for i in range(m - 1)]):
+                n, m = rng.randrange(990), rng.randint(3, 8)
+            parts.append(f"Counting: {', '.join(str(n + i) for i in range(m))}.")
     return "\n".join(parts)
 
 
@@ -604,7 +617,7 @@ def build_pretrain_corpus(n_docs, seed, split="train", k_min=2, k_max=8):
         elif kind < 0.65:
             docs.append(_doc_chains(rng, split, k_min, k_max))
         else:
-            docs.append(_doc_words(rng))
+            docs.append(_doc_words(rng, split))
     return docs
 
 
@@ -709,8 +722,12 @@ def write_jsonl(rows, path):
 
 def _read_jsonl(path):
     """Yield (lineno, dict) for the non-blank lines of a JSONL file; errors name file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -793,6 +810,8 @@ def load_sft_jsonl(path, tokenizer=None, max_len=None):
                 raise DataError(f"{path}:{lineno}: system_prompt {system!r} differs from the "
                                 f"input's system message {msgs[0]['content']!r}")
             system, msgs = msgs[0]["content"], msgs[1:]
+        if system.strip() in ("detailed thinking on", "detailed thinking off") and system.strip() != f"detailed thinking {reasoning}":
+            raise DataError(f"{path}:{lineno}: system prompt {system.strip()!r} contradicts reasoning={reasoning!r}")
         if not msgs or msgs[-1]["role"] != "user":
             raise DataError(f"{path}:{lineno}: field 'input' must end with a user turn")
         if output.endswith("<|eot_id|>"):       # first-release rows may carry the closing token

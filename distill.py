@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from data import DataError, load_token_shards, load_tokenizer
 from model import ModelConfig, Transformer, count_params, load_config, load_model
 from runtime import (ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
-                     config_dict, doc_ids_and_positions, grad_accum_steps, load_trainer_state,
+                     config_dict, doc_ids_and_positions, grad_accum_steps, grad_sync, load_trainer_state,
                      lr_at, make_optimizer, plot_curves, read_metrics, run_main, save_checkpoint,
                      setup_dist, teardown_dist)
 
@@ -314,8 +313,7 @@ def main(cfg):
             first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
             x, y, doc, pos = windows(train, offsets[first:first + cfg.device_batch_size], cfg.seq_len,
                                      tok.bos_id, device)
-            sync = nullcontext() if (not dist.ddp or m == accum - 1) else model.no_sync()
-            with sync:
+            with grad_sync(model, m == accum - 1):
                 with autocast(device):
                     parts = loss_sums(model, teacher, x, y, doc, pos, cfg, layer_map)
                     loss = sum(weights[k] * v / norm[k] for k, v in parts.items()) * dist.world_size

@@ -99,6 +99,11 @@ def parse_args(argv):
     cfg = Config()
     types = {f.name: f.type for f in fields(Config)}
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print("python ranker_eval.py [--key=value ...]; keys and defaults:")
+            for k in types:
+                print(f"  --{k}={getattr(cfg, k)!r}")
+            raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"argument {arg!r}: expected --key=value (valid keys: {', '.join(types)})")
         key, value = arg[2:].split("=", 1)
@@ -150,8 +155,9 @@ def validate(cfg):
         raise SystemExit(f"--temperatures={cfg.temperatures}: logging temperatures must be > 0")
     if any(n < 1 or n != int(n) for n in _float_list(cfg, "log_sizes")):
         raise SystemExit(f"--log_sizes={cfg.log_sizes}: expected positive integers")
-    if not 1 <= cfg.n_new_rankers <= len(new_ranker_specs(cfg)):
-        raise SystemExit(f"--n_new_rankers={cfg.n_new_rankers}: between 1 and {len(new_ranker_specs(cfg))}")
+    n_specs = len(new_ranker_specs(cfg, cfg.n_features))
+    if not 1 <= cfg.n_new_rankers <= n_specs:
+        raise SystemExit(f"--n_new_rankers={cfg.n_new_rankers}: between 1 and {n_specs}")
     if cfg.new_temperature < 0 or cfg.reps < 1 or cfg.clip < 0:
         raise SystemExit("--new_temperature and --clip must be >= 0, --reps >= 1")
     examination(cfg)      # raises on a bad --examination
@@ -221,18 +227,22 @@ def read_letor(path, max_queries=0):
     Rows are kept as small arrays, not dicts: 136 MSLR features x 240k rows as dicts is ~3 GB."""
     queries, order = {}, []
     n_features = 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
-            where = f"{path}:{lineno}"
             tokens = line.split()
             try:
                 label = float(tokens[0])
             except ValueError:
                 raise ValueError(f"{where}: label {tokens[0]!r} is not a number")
-            if label < 0 or label != int(label):
+            if not math.isfinite(label) or label < 0 or label != int(label):
                 raise ValueError(f"{where}: label {tokens[0]!r} must be a non-negative integer grade")
             if len(tokens) < 2 or not tokens[1].startswith("qid:") or len(tokens[1]) == 4:
                 got = tokens[1] if len(tokens) > 1 else "end of line"
@@ -384,10 +394,10 @@ def policy_from_scores(name, scores, mask, temperature):
     return Policy(name, np.where(mask, z / temperature, -np.inf))
 
 
-def new_ranker_specs(cfg):
+def new_ranker_specs(cfg, Fdim):
     """The candidate new rankers: other models, losses, feature sets and training subsets, plus one
-    untrained random linear scorer (a bad ranker, so the true values spread out)."""
-    Fdim = cfg.n_features
+    untrained random linear scorer (a bad ranker, so the true values spread out). Fdim: the world's
+    feature count (from the LETOR file with --data, else --n_features)."""
     half = max(Fdim // 2, 1)
     return [
         dict(name="linear_listnet", kind="linear", loss="listnet", features="all", queries=1.0),
@@ -413,7 +423,7 @@ def build_rankers(world, cfg):
     prod_queries = np.sort(rng.permutation(Q)[: max(1, int(round(cfg.prod_query_frac * Q)))])
     prod = train_scorer(world, "linear", "listnet", prod_feats, prod_queries, cfg, cfg.seed + 2)
     policies = []
-    for i, spec in enumerate(new_ranker_specs(cfg)[: cfg.n_new_rankers]):
+    for i, spec in enumerate(new_ranker_specs(cfg, Fdim)[: cfg.n_new_rankers]):
         f = spec["features"]
         if f == "all":
             feats = np.arange(Fdim)
@@ -743,13 +753,15 @@ def _clip(w, clip):
 def ip_estimate(logs, h_at, p_at, clip=0.0, self_normalise=False):
     """Item-position IPS. h_at, p_at (R, T, K) or (T, K): new-ranker and logging propensities of the
     logged (document, rank) pairs. Self-normalised: per rank, sum_t c w / sum_t w (each term <= 1, so
-    the estimate lies in [0, K]); E[w] = sum_d h(d, k) = 1 per rank, hence the per-rank normaliser."""
+    the estimate lies in [0, K]). E[w] = sum_d h(d, k) = 1 per rank and list; a query with fewer
+    than K documents leaves rank k empty under every ranker, and that empty placement counts with
+    weight 1 (h = pi0 = 1) and no click, else the normaliser would undercount those lists."""
     shown = logs.A >= 0
     w = np.where(shown, _clip(h_at / np.where(shown, p_at, 1.0), clip), 0.0)
     cw = (logs.clicks * w).sum(-2)
     if not self_normalise:
         return cw.sum(-1) / len(logs.q)
-    tot = w.sum(-2)
+    tot = w.sum(-2) + (~shown).sum(-2)
     return np.where(tot > 0, cw / np.where(tot > 0, tot, 1.0), 0.0).sum(-1)
 
 

@@ -196,6 +196,16 @@ def teardown_dist(dist):
         td.destroy_process_group()
 
 
+def grad_sync(model, last_micro_step):
+    """Around forward + backward of one micro-step: DDP all-reduces gradients during backward,
+    which only the last micro-step of an optimizer step needs; the others accumulate locally
+    inside no_sync() (it must wrap the forward too, or newer PyTorch syncs anyway)."""
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(model, DistributedDataParallel) and not last_micro_step:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def autocast(device):
     """bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU, where bf16
     matmuls are slower than fp32 on most cores."""

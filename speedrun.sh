@@ -5,7 +5,7 @@
 #   3. sample.py    the parent continues text (a base model: --chat=False)
 #   4. ranker_eval.py  the second system: offline ranker evaluation                -> out/ranker
 # Still to come as their own stages: puzzle.py (NAS child), KD of the child, sft.py, grpo.py.
-# Writes out/report.md. Usage: bash speedrun.sh  (run from the repository root; ~8 min on 2 cores)
+# Writes out/report.md. Usage: bash speedrun.sh  (~4 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p out

@@ -213,6 +213,8 @@ def test_split_reasoning_and_format():
     assert data.split_reasoning("<think>\nR1\nR2\n</think>\n\nA") == ("R1\nR2", "A")
     assert data.split_reasoning("  just 7 ") == (None, "just 7")
     assert data.split_reasoning("<think>\ncut off") == ("cut off", "")
+    # the last </think> ends the reasoning, as the chat template cuts earlier assistant turns
+    assert data.split_reasoning("<think>\na</think>b\n</think>\n\nA") == ("a</think>b", "A")
     assert data.check_format("<think>\nr\n</think>\n\n7", "on")
     assert not data.check_format("7", "on")
     assert not data.check_format("<think>r</think><think>r</think>7", "on")
@@ -270,6 +272,19 @@ def test_splits_disjoint_deterministic():
         data.generate_problems("addmod10", "test", 50, seed=0, k_min=2, k_max=2, unique=True)
     with pytest.raises(ValueError, match="unknown task"):
         data.generate_problems("nope", "train", 1, seed=0)
+
+
+def test_pretrain_corpus_states_no_heldout_chat_answer():
+    """Word sentences and number runs answer chat tasks; none may answer a val/test problem."""
+    text = "\n".join(data.build_pretrain_corpus(600, seed=5))
+    stated = set()
+    for m in re.finditer(r"The list ([a-z ]+) has \d+ words|said: ([a-z ]+)\. Then", text):
+        words = (m.group(1) or m.group(2)).split()
+        stated |= {data.problem_split(data.chat_problem(t, words)) for t in ("echo", "count", "last", "list")}
+    for m in re.finditer(r"Counting: ([\d, ]+)\.", text):
+        nums = [int(x) for x in m.group(1).split(", ")]
+        stated |= {data.problem_split(data.chat_problem("next", [n])) for n in nums[:-1]}
+    assert stated == {"train"}
 
 
 def test_pretrain_corpus_has_no_heldout_chain():
@@ -354,6 +369,13 @@ def test_sft_jsonl_errors_and_max_len(tmp_path, small_tok):
     p = tmp_path / "s.jsonl"
     p.write_text(short + "\n\n" + good + "\n{broken\n")
     with pytest.raises(data.DataError, match=r"s\.jsonl:4: malformed JSON"):
+        data.load_sft_jsonl(str(p))
+    p.write_text(json.dumps({"input": "hi", "output": "o", "reasoning": "on",
+                             "system_prompt": "detailed thinking off"}) + "\n")
+    with pytest.raises(data.DataError, match=r"s\.jsonl:1: system prompt 'detailed thinking off' contradicts"):
+        data.load_sft_jsonl(str(p))
+    p.write_bytes(short.encode() + b"\n" + b'{"input": "caf\xe9"}\n')
+    with pytest.raises(data.DataError, match=r"s\.jsonl:2: not valid UTF-8"):
         data.load_sft_jsonl(str(p))
     p.write_text(short + "\n" + json.dumps({"input": "hi", "reasoning": "on"}) + "\n")
     with pytest.raises(data.DataError, match=r"s\.jsonl:2: missing field 'output'"):

@@ -129,8 +129,8 @@ def test_cascade_value_exact_equals_enumeration_and_sampling(stop):
 
 # ---------------------------------------------------------------- estimators
 
-def _setup(logger_scale=1.0, seed=5):
-    cfg, world = small_world(seed=seed)
+def _setup(logger_scale=1.0, seed=5, docs_min=4):
+    cfg, world = small_world(seed=seed, docs_min=docs_min)
     rng = np.random.default_rng(seed)
     logger = random_policy(world, rng, logger_scale, "logger")
     news = [random_policy(world, rng, 1.0, f"h{i}") for i in range(3)]
@@ -191,6 +191,18 @@ def test_evaluating_the_logger_returns_the_on_policy_mean():
             assert abs(est[e][0] - est["naive"][0]) < 1e-12, e    # every weight is exactly 1
         means.append(est["naive"][0])
     assert abs(np.mean(means) - V0) < 4 * np.std(means) / np.sqrt(len(means))
+
+
+def test_self_normalised_ip_with_queries_shorter_than_K():
+    """Queries with 1-2 documents leave ranks empty (K = 3): on-policy, the self-normalised
+    item-position estimate must still equal the logged CTR (every weight is 1)."""
+    cfg, world, logger, news, H, V, P0 = _setup(docs_min=1)
+    assert (world.mask.sum(1) < cfg.K).any()
+    logs = rk.sample_logs(world, logger, 3000, cfg, np.random.default_rng(0))
+    est = rk.estimate_all(["naive", "ip_oracle", "ip_oracle_sn"], logs, P0[None], [logger], logger, P0, P0, P0,
+                          rk.examination(cfg), 0.0)
+    assert abs(est["ip_oracle_sn"][0] - est["naive"][0]) < 1e-12
+    assert abs(est["ip_oracle"][0] - est["naive"][0]) < 1e-12
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -269,6 +281,8 @@ def test_read_letor_groups_queries_and_keeps_labels(tmp_path):
     ("1 qid:1 1:abc", "index:value"),
     ("1 qid:1 1:0.5 1:0.7", "repeated"),
     ("1", "qid"),
+    ("nan qid:1 1:0.5", "integer"),
+    ("inf qid:1 1:0.5", "integer"),
 ])
 def test_malformed_letor_line_names_file_and_line(tmp_path, line, msg):
     p = tmp_path / "bad.txt"
@@ -276,6 +290,13 @@ def test_malformed_letor_line_names_file_and_line(tmp_path, line, msg):
     with pytest.raises(ValueError) as e:
         rk.read_letor(str(p))
     assert f"{p}:3:" in str(e.value) and msg in str(e.value)
+
+
+def test_letor_bytes_that_are_not_utf8_name_the_line(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"2 qid:1 1:0.5\n1 qid:1 1:0.2 # caf\xe9\n")
+    with pytest.raises(ValueError, match=f"{p}:2: not valid UTF-8"):
+        rk.read_letor(str(p))
 
 
 def test_runs_end_to_end_on_an_unseen_letor_file(tmp_path):

@@ -72,3 +72,39 @@ def test_doc_ids_and_positions_restart_at_bos():
     assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     doc, pos = doc_ids_and_positions(torch.tensor([[4, 5, 7, 6]]), bos_id=7)  # window starts mid-document
     assert doc.tolist() == [[0, 0, 1, 1]] and pos.tolist() == [[0, 1, 0, 1]]
+
+
+def test_gradients_are_reduced_only_on_the_last_micro_step(tmp_path):
+    """DDP (one gloo process is enough to count its all-reduces) with grad_sync: 3 micro-steps
+    run 1 reduction, and the accumulated gradient is the sum of the 3."""
+    import torch.distributed as td
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from runtime import grad_sync
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 3)
+        model = DDP(net)
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+        model.register_comm_hook(None, counting_hook)
+        xs = torch.randn(3, 5, 4)
+        for m in range(3):
+            with grad_sync(model, m == 2):
+                model(xs[m]).sum().backward()
+        assert len(calls) == 1
+        expected = torch.autograd.grad(net(xs.reshape(15, 4)).sum(), net.weight)[0]
+        assert torch.allclose(net.weight.grad, expected, atol=1e-6)
+        net.zero_grad()
+        calls.clear()
+        for m in range(3):  # without no_sync every micro-step would reduce
+            with grad_sync(model, True):
+                model(xs[m]).sum().backward()
+        assert len(calls) == 3
+    finally:
+        td.destroy_process_group()
