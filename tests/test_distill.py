@@ -174,3 +174,13 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "distill.py", f"--data_dir={tmp_path}"], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "error:" in r.stderr
+
+
+def test_flops_per_token_for_mfu():
+    """6N + 12 L_attn H D T: tying the embedding saves memory, not lm_head compute."""
+    kw = dict(num_layers=2, vocab_size=1000, hidden_size=64, num_attention_heads=4, intermediate_size=96)
+    untied, tied = ModelConfig.llama(**kw), ModelConfig.llama(tie_word_embeddings=True, **kw)
+    per_layer = 4 * 64 * 64 + 3 * 64 * 96 + 2 * 64  # q,k,v,o + SwiGLU + 2 norms
+    n = 2 * per_layer + 64 + 1000 * 64               # layers + final norm + lm_head
+    assert distill.estimate_flops_per_token(untied, 128) == 6 * n + 12 * 2 * 4 * 16 * 128
+    assert distill.estimate_flops_per_token(tied, 128) == distill.estimate_flops_per_token(untied, 128)
