@@ -12,7 +12,7 @@ pretrains the parent itself from scratch on the built-in corpus.
     python distill.py                                            # nano parent: out/data -> out/parent
     python distill.py --init_from=out/child --teacher=out/parent --out_dir=out/child_kd
     python distill.py --init_from=out/parent --out_dir=out/cpt   # continued pretraining
-    torchrun --standalone --nproc_per_node=8 distill.py config/distill_multi_gpu.py
+    torchrun --standalone --nproc_per_node=8 distill.py config/parent_1gpu.py config/parent_multi_gpu.py
 
 Reads: token shards + tokenizer from --data_dir (data.py), optional --init_from / --teacher
 checkpoint folders. Writes to --out_dir: config.json + model.safetensors (native format), the

@@ -108,3 +108,16 @@ def test_gradients_are_reduced_only_on_the_last_micro_step(tmp_path):
         assert len(calls) == 3
     finally:
         td.destroy_process_group()
+
+
+def test_every_preset_parses():
+    import glob
+    import os
+    from distill import DistillConfig
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    presets = sorted(glob.glob(os.path.join(root, "config", "*.py")))
+    assert len(presets) >= 4
+    for p in presets:
+        parse_config(DistillConfig, [p])
+    nano = parse_config(DistillConfig, [os.path.join(root, "config", "nano_parent_cpu.py")])
+    assert nano == DistillConfig(device="cpu")  # the preset spells out the defaults
