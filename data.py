@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import regex
@@ -989,7 +989,7 @@ def tokenize_corpus(cfg):
 
 
 if __name__ == "__main__":
-    from runtime import parse_config, run_main
+    from runtime import run_main
 
     def main(cfg):
         try:

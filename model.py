@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kernels import attention, decode_attention, rms_norm, swiglu_ffn
 
