@@ -1180,7 +1180,7 @@ def _measure(step, params):
         step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        ms = triton.testing.do_bench(step, grad_to_none=params, warmup=25, rep=100)
+        ms = triton.testing.do_bench(step, grad_to_none=params, warmup=25, rep=100, return_mode="median")
         return ms, peak
     except torch.OutOfMemoryError:
         for p in params:
@@ -1208,10 +1208,12 @@ def _fmt(x, spec=".2f"):
     return "OOM" if x != x else format(x, spec)
 
 
-def bench(cfg):
+def bench(cfg, device="cuda"):
+    """Print the benchmark tables. `device` is "cuda" except in the test that dry-runs this function
+    on CPU (interpreted kernels, CUDA timers stubbed) so a GPU session never finds a typo here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dtype = getattr(torch, cfg.dtype)
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     names = cfg.kernels.split(",")
     print(f"kernels.py --bench on {torch.cuda.get_device_name(dev)}, {cfg.dtype}, forward+backward, "
           f"time in ms (triton.testing.do_bench median), peak = MiB allocated above the inputs")

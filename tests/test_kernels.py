@@ -363,6 +363,46 @@ def test_command_line():
             kernels.main(["--bench"])
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="with a GPU, run the real thing: python kernels.py --bench")
+def test_bench_dry_run_on_cpu(monkeypatch, capsys):
+    # `python kernels.py --bench` only runs on a GPU, where a session has minutes, not hours: run the
+    # whole function here on tiny shapes, with the CUDA timers and memory counters stubbed, so a typo
+    # or a wrong table cannot waste that time.
+    import triton.testing
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        assert return_mode == "median" and grad_to_none, "the table says median; grads must be reset"
+        for p in grad_to_none:
+            p.grad = None
+        launches = sum(kernels.TRITON_CALLS.values())
+        fn()
+        if getattr(fn, "__name__", "") == "run_eager":      # the eager attention "runs out of memory"
+            raise torch.OutOfMemoryError("fake")
+        return 2.0 if sum(kernels.TRITON_CALLS.values()) > launches else 1.0   # Triton 2 ms, others 1
+
+    for name, value in [("synchronize", None), ("reset_peak_memory_stats", None), ("memory_allocated", 0),
+                        ("max_memory_allocated", 3 * 2 ** 20), ("empty_cache", None), ("get_device_name", "CPU")]:
+        monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    cfg = kernels._parse_args(["--bench", "--seqlens=17,33", "--head_dims=32", "--tokens=34", "--model_dim=64",
+                               "--hidden_sizes=48", "--batch=1", "--dtype=float32"])
+    before = {n: kernels.TRITON_CALLS[n] for n in ("attention_bwd", "swiglu_bwd", "rms_norm_bwd")}
+    kernels.bench(cfg, device="cpu")
+    out = capsys.readouterr().out
+    assert all(kernels.TRITON_CALLS[n] > before[n] for n in before), "the Triton side must run the kernels"
+    tables = [block.splitlines() for block in out.split("\n\n")[1:]]
+    assert [t[0].split()[0] for t in tables] == ["attention", "swiglu_ffn", "rms_norm"], out
+    for t, columns in zip(tables, (12, 9, 9)):
+        rows = [r.split() for r in t[2:]]
+        assert [r[0] for r in rows] == ["17", "33"] and {len(r) for r in rows} == {columns}, out  # a row per T
+    attn = [r.split() for r in tables[0][2:]]
+    assert attn[0][:4] == ["17", "32", "2", "2"] and attn[1][:4] == ["33", "32", "1", "2"], out  # B = tokens // T
+    assert attn[0][4:7] == ["2.00", "1.00", "OOM"] and attn[0][7:9] == ["2.00", "OOM"], out
+    assert attn[0][9:] == ["3", "3", "OOM"], out
+    for t in tables[1:]:   # time and memory columns of the FFN / RMSNorm tables
+        assert [r.split()[3:] for r in t[2:]] == [["2.00", "1.00", "2.00", "3", "3", "1.00"]] * 2, out
+
+
 def test_kernels_compile_for_h100():
     # No GPU needed: ptxas builds each kernel for sm_90; a typo in a compiled-only code path (the
     # interpreter is lenient about types) or a tile too big for shared memory shows up here.
