@@ -119,6 +119,16 @@ _BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
 # Kernel launches per name ("attention_fwd", "swiglu_bwd", ...): lets tests prove Triton ran.
 TRITON_CALLS = Counter()
+# False: launch every kernel with the fixed FIXED_BLOCKS below instead of autotuning. The test suite
+# sets it on a GPU, where autotuning (16 configs per kernel and shape class, ~1.5 s of compile
+# each) would cost more than the tests themselves; the benchmark and training autotune.
+AUTOTUNE = True
+
+
+def _count(name):
+    # Not while torch.compile traces: mutating a global there would break the graph.
+    if not torch.compiler.is_compiling():
+        TRITON_CALLS[name] += 1
 
 
 @contextlib.contextmanager
@@ -157,19 +167,21 @@ def _autotune(configs, key, **kwargs):
     return triton.autotune(configs=configs, key=key, **kwargs)
 
 
-def _launch(kernel, grid, args, interp_meta, **consts):
-    """Launch an autotuned kernel on GPU, or the plain one with `interp_meta` blocks in the
-    interpreter. `grid` is a function of the meta-parameters (the block sizes)."""
-    if INTERPRET:
-        meta = dict(interp_meta, **consts)
-        kernel[grid(meta)](*args, **meta)
+def _launch(kernel, grid, args, fixed_meta, **consts):
+    """Launch an autotuned kernel on GPU, or the plain kernel with the `fixed_meta` blocks in the
+    interpreter (or with AUTOTUNE off). `grid` is a function of the meta-parameters (block sizes)."""
+    if INTERPRET or not AUTOTUNE:
+        meta = dict(fixed_meta, **consts)
+        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        fn[grid(meta)](*args, **meta)
     else:
         kernel[grid](*args, **consts)
 
 
-# Fixed blocks used under the interpreter. Small on purpose: with T = 129 every loop runs several
-# iterations and the last block is ragged, which is where index bugs live. Tests may change them.
-INTERPRETER_BLOCKS = {
+# Fixed blocks used under the interpreter and when AUTOTUNE is off. Small on purpose: with T = 129
+# every loop runs several iterations and the last block is ragged, which is where index bugs live.
+# Tests may change them.
+FIXED_BLOCKS = {
     "attn_fwd": dict(BLOCK_M=32, BLOCK_N=16),       # BLOCK_M % BLOCK_N == 0 (causal staging)
     "attn_bwd_dkdv": dict(BLOCK_M=16, BLOCK_N=32),  # BLOCK_N % BLOCK_M == 0
     "attn_bwd_dq": dict(BLOCK_M=32, BLOCK_N=16),    # BLOCK_M % BLOCK_N == 0
@@ -221,10 +233,17 @@ def _attn_configs(kind):
 
 
 def _prune_attn(configs, named_args, **kwargs):
-    # 128 x 128 tiles at head dim 128 need more registers than the SM has per thread at 4 warps.
-    D = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 64))
-    keep = [c for c in configs if not (D >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128
-                                       and c.num_warps == 4)]
+    def arg(name):
+        return named_args[name] if name in named_args else kwargs[name]
+    keep = configs
+    if arg("HEAD_DIM") >= 128:  # 128 x 128 tiles at head dim 128: more registers than 4 warps have
+        keep = [c for c in keep if not (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128 and c.num_warps == 4)]
+    if arg("PREC") == "ieee":   # fp32 dot products need ~2x the registers: big tiles only spill
+        keep = [c for c in keep if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    if arg("HAS_DOC"):
+        # The data-dependent `if run > 0` block skip stops software pipelining: 3 and 4 stages
+        # compile to the same kernel (same registers and shared memory on sm_90), so try one.
+        keep = [c for c in keep if c.num_stages == 3]
     return keep or configs
 
 
@@ -587,9 +606,9 @@ def _attention_fwd(q, k, v, causal, doc_ids):
     args = (q, k, v, o, lse, doc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             doc.stride(0), T, _t_bucket(T), Hq, sm_scale * 1.4426950408889634)   # log2(e)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
-    _launch(_attn_fwd_kernel, grid, args, INTERPRETER_BLOCKS["attn_fwd"], GROUP=Hq // Hkv,
+    _launch(_attn_fwd_kernel, grid, args, FIXED_BLOCKS["attn_fwd"], GROUP=Hq // Hkv,
             HEAD_DIM=D, CAUSAL=bool(causal), HAS_DOC=has_doc, PREC=_dot_precision(q.dtype))
-    TRITON_CALLS["attention_fwd"] += 1
+    _count("attention_fwd")
     return o, lse
 
 
@@ -610,13 +629,13 @@ def _attention_bwd(do, q, k, v, o, lse, causal, doc_ids):
             *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], doc.stride(0), T, _t_bucket(T), Hkv, sm_scale,
             sm_scale * 1.4426950408889634)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)
-    _launch(_attn_bwd_dkdv_kernel, grid, args, INTERPRETER_BLOCKS["attn_bwd_dkdv"], **consts)
+    _launch(_attn_bwd_dkdv_kernel, grid, args, FIXED_BLOCKS["attn_bwd_dkdv"], **consts)
     args = (q, k, v, do, lse, delta, doc, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3], *dq.stride()[:3], doc.stride(0), T, _t_bucket(T), Hq, sm_scale,
             sm_scale * 1.4426950408889634)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
-    _launch(_attn_bwd_dq_kernel, grid, args, INTERPRETER_BLOCKS["attn_bwd_dq"], **consts)
-    TRITON_CALLS["attention_bwd"] += 1
+    _launch(_attn_bwd_dq_kernel, grid, args, FIXED_BLOCKS["attn_bwd_dq"], **consts)
+    _count("attention_bwd")
     return dq, dk, dv
 
 
@@ -720,7 +739,7 @@ def _decode_attention(q, k_cache, v_cache, kv_start, kv_end):
         kv_end = torch.full((1,), int(kv_end), device=q.device, dtype=torch.int64)
     group = Hq // Hkv
     if INTERPRET:
-        blocks = INTERPRETER_BLOCKS["decode"]
+        blocks = FIXED_BLOCKS["decode"]
         block_n, split = blocks["BLOCK_N"], blocks["SPLIT"]
         num_warps = 4
     else:
@@ -744,7 +763,7 @@ def _decode_attention(q, k_cache, v_cache, kv_start, kv_end):
     o = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     _decode_combine_kernel[(rows,)](m_part, l_part, acc_part, o, num_splits, HEAD_DIM=D,
                                     SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
-    TRITON_CALLS["decode_attention"] += 1
+    _count("decode_attention")
     return o
 
 
@@ -837,7 +856,7 @@ def _swiglu_gate_up(x2, w_gate, w_up, dh=None):
             w_gate.stride(0), w_gate.stride(1), h.stride(0), h.stride(1))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _launch(_swiglu_bwd_kernel if backward else _swiglu_fwd_kernel, grid, args,
-            INTERPRETER_BLOCKS["swiglu"], BACKWARD=backward, PREC=_dot_precision(x2.dtype))
+            FIXED_BLOCKS["swiglu"], BACKWARD=backward, PREC=_dot_precision(x2.dtype))
     return (h, dg, du) if backward else h
 
 
@@ -850,7 +869,7 @@ class _SwiGLUFFN(torch.autograd.Function):
         # Saved: x and the weights only. gate, up and h (3 x M x intermediate: ~8x the size of
         # x in a Llama) are recomputed in the backward.
         ctx.save_for_backward(x, w_gate, w_up, w_down)
-        TRITON_CALLS["swiglu_fwd"] += 1
+        _count("swiglu_fwd")
         return y.reshape(*x.shape[:-1], w_down.shape[0])
 
     @staticmethod
@@ -865,7 +884,7 @@ class _SwiGLUFFN(torch.autograd.Function):
         dw_down = dy2.t() @ h if ctx.needs_input_grad[3] else None
         dw_gate = dg.t() @ x2 if ctx.needs_input_grad[1] else None
         dw_up = du.t() @ x2 if ctx.needs_input_grad[2] else None
-        TRITON_CALLS["swiglu_bwd"] += 1
+        _count("swiglu_bwd")
         return dx.reshape(x.shape), dw_gate, dw_up, dw_down
 
 
@@ -916,7 +935,7 @@ def _rms_bwd_kernel(X, W, DY, RSTD, DX, DW_PART, M, N, stride_x, stride_dy, stri
 def _rms_meta(N):
     block_n = triton.next_power_of_2(N)
     if INTERPRET:
-        return block_n, INTERPRETER_BLOCKS["rms"]["ROWS"], {}
+        return block_n, FIXED_BLOCKS["rms"]["ROWS"], {}
     # Keep ~4k elements per program: one row of a 4096-wide model, 16 rows of a 256-wide one.
     rows = max(1, min(16, 4096 // block_n))
     return block_n, rows, dict(num_warps=min(16, max(4, block_n // 1024)))
@@ -940,15 +959,17 @@ class _RMSNorm(torch.autograd.Function):
         block_n, rows, launch = _rms_meta(N)
         _rms_fwd_kernel[(triton.cdiv(M, rows),)](x2, weight, y, rstd, M, N, eps, x2.stride(0), y.stride(0),
                                                  ROWS=rows, BLOCK_N=block_n, **launch)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
-        TRITON_CALLS["rms_norm_fwd"] += 1
+        # Save x itself, not the view x2: torch.compile refuses saved intermediates that alias inputs.
+        ctx.save_for_backward(x, weight, rstd)
+        _count("rms_norm_fwd")
         return y.reshape(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        M, N = x2.shape
+        x, weight, rstd = ctx.saved_tensors
+        N = x.shape[-1]
+        x2 = _last_dim_contiguous(x.reshape(-1, N))
+        M = x2.shape[0]
         dy2 = _last_dim_contiguous(dy.reshape(-1, N))
         dx = torch.empty_like(x2)
         block_n, rows, launch = _rms_meta(N)
@@ -959,8 +980,8 @@ class _RMSNorm(torch.autograd.Function):
         dw_part = torch.empty(programs, N, device=x2.device, dtype=torch.float32)
         _rms_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_part, M, N, x2.stride(0), dy2.stride(0),
                                      dx.stride(0), ROWS=rows, BLOCK_N=block_n, **launch)
-        TRITON_CALLS["rms_norm_bwd"] += 1
-        return dx.reshape(ctx.x_shape), dw_part.sum(0).to(weight.dtype), None
+        _count("rms_norm_bwd")
+        return dx.reshape(x.shape), dw_part.sum(0).to(weight.dtype), None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class SampleConfig:
     num_samples: int = 1               # independent samples of the same prompt (one batch)
     seed: int = 1337
     device: str = "auto"               # auto | cpu | cuda
-    dtype: str = "float32"             # float32 | bfloat16 | float16
+    dtype: str = "auto"                # auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16 | float16
 
 
 def main(cfg):
@@ -47,12 +47,15 @@ def main(cfg):
     temperature = cfg.temperature if cfg.temperature is not None else (0.6 if on else 0.0)
     top_p = cfg.top_p if cfg.top_p is not None else (0.95 if on else 1.0)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype not in dtypes:
-        sys.exit(f"error: --dtype must be one of {', '.join(dtypes)}, got {cfg.dtype!r}")
+    if cfg.dtype not in ("auto", *dtypes):
+        sys.exit(f"error: --dtype must be one of auto, {', '.join(dtypes)}, got {cfg.dtype!r}")
     try:
         device = pick_device(cfg.device)
+        # bf16 on a GPU, as the released models run; the CPU has no fast bf16 matmul (and the
+        # Triton interpreter none at all), so fp32 there.
+        dtype = dtypes.get(cfg.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
         tok = load_tokenizer(cfg.ckpt)
-        model = load_model(cfg.ckpt, device=device, dtype=dtypes[cfg.dtype]).eval()
+        model = load_model(cfg.ckpt, device=device, dtype=dtype).eval()
     except (ValueError, FileNotFoundError, ConfigError) as e:
         sys.exit(f"error: {e}")
     if tok.n_vocab > model.config.vocab_size:

@@ -9,7 +9,9 @@ before any test module, so setting the variable here works whatever order the te
   - kernels.CPU_BACKEND is then pinned to "torch": by default CPU tensors keep using the fast
     PyTorch references, so model and training tests never pay for the (~1000x slower)
     interpreter. Kernel tests opt in with `with kernels.backend("triton"):`.
-  - With a GPU the variable is left alone: CUDA tensors run the compiled kernels.
+  - With a GPU the variable is left alone: CUDA tensors run the compiled kernels, with fixed
+    blocks (kernels.AUTOTUNE = False) so the suite does not spend minutes autotuning every shape;
+    test_autotuned_kernels_on_gpu turns autotuning back on for the benchmark's shapes.
   - An explicit TRITON_INTERPRET=0 is respected (the kernel tests then skip on CPU).
 """
 import os
@@ -28,3 +30,4 @@ if "TRITON_INTERPRET" not in os.environ:
 import kernels  # noqa: E402  (must follow the environment setup above)
 
 kernels.CPU_BACKEND = "torch"
+kernels.AUTOTUNE = False

@@ -84,10 +84,13 @@ def check_sample_cli(hf, folder, n=20):
         ref = ref[:-1]
     assert len(set(ref)) > 3
     r = subprocess.run([sys.executable, "sample.py", f"--ckpt={folder}", "--prompt=3+5+2=", "--reasoning=on",
-                        "--temperature=0", f"--max_new_tokens={n}", "--seed=1"],
+                        "--temperature=0", f"--max_new_tokens={n}", "--seed=1", "--dtype=float32"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == tok.decode(ref)
+    r = subprocess.run([sys.executable, "sample.py", f"--ckpt={folder}", "--dtype=fp8"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--dtype must be one of auto, float32, bfloat16, float16" in r.stderr, r.stderr
 
 
 def test_export_uniform_model_loads_in_transformers(tmp_path):
