@@ -167,15 +167,16 @@ def _autotune(configs, key, **kwargs):
     return triton.autotune(configs=configs, key=key, **kwargs)
 
 
-def _launch(kernel, grid, args, fixed_meta, **consts):
-    """Launch an autotuned kernel on GPU, or the plain kernel with the `fixed_meta` blocks in the
-    interpreter (or with AUTOTUNE off). `grid` is a function of the meta-parameters (block sizes)."""
+def _launch(tuned, plain, grid, args, fixed_meta, **consts):
+    """Launch the autotuned kernel `tuned` on a GPU, or its plain @triton.jit function `plain` with
+    the `fixed_meta` blocks in the interpreter or with AUTOTUNE off. `grid` is a function of the
+    meta-parameters (the block sizes). Both are passed so that torch.compile, which traces this
+    call, never has to look inside the autotuner."""
     if INTERPRET or not AUTOTUNE:
         meta = dict(fixed_meta, **consts)
-        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-        fn[grid(meta)](*args, **meta)
+        plain[grid(meta)](*args, **meta)
     else:
-        kernel[grid](*args, **consts)
+        tuned[grid](*args, **consts)
 
 
 # Fixed blocks used under the interpreter and when AUTOTUNE is off. Small on purpose: with T = 129
@@ -189,6 +190,11 @@ FIXED_BLOCKS = {
     "swiglu": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2),
     "rms": dict(ROWS=4),
 }
+
+
+def _num_sms(device):
+    # Streaming multiprocessors: sizes the grids of the split kernels (132 on an H100/H200).
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _dot_precision(dtype):
@@ -606,7 +612,7 @@ def _attention_fwd(q, k, v, causal, doc_ids):
     args = (q, k, v, o, lse, doc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             doc.stride(0), T, _t_bucket(T), Hq, sm_scale * 1.4426950408889634)   # log2(e)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
-    _launch(_attn_fwd_kernel, grid, args, FIXED_BLOCKS["attn_fwd"], GROUP=Hq // Hkv,
+    _launch(_attn_fwd_kernel, _attn_fwd_body, grid, args, FIXED_BLOCKS["attn_fwd"], GROUP=Hq // Hkv,
             HEAD_DIM=D, CAUSAL=bool(causal), HAS_DOC=has_doc, PREC=_dot_precision(q.dtype))
     _count("attention_fwd")
     return o, lse
@@ -629,12 +635,12 @@ def _attention_bwd(do, q, k, v, o, lse, causal, doc_ids):
             *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], doc.stride(0), T, _t_bucket(T), Hkv, sm_scale,
             sm_scale * 1.4426950408889634)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)
-    _launch(_attn_bwd_dkdv_kernel, grid, args, FIXED_BLOCKS["attn_bwd_dkdv"], **consts)
+    _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_body, grid, args, FIXED_BLOCKS["attn_bwd_dkdv"], **consts)
     args = (q, k, v, do, lse, delta, doc, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3], *dq.stride()[:3], doc.stride(0), T, _t_bucket(T), Hq, sm_scale,
             sm_scale * 1.4426950408889634)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
-    _launch(_attn_bwd_dq_kernel, grid, args, FIXED_BLOCKS["attn_bwd_dq"], **consts)
+    _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_body, grid, args, FIXED_BLOCKS["attn_bwd_dq"], **consts)
     _count("attention_bwd")
     return dq, dk, dv
 
@@ -746,7 +752,7 @@ def _decode_attention(q, k_cache, v_cache, kv_start, kv_end):
         # Enough (sequence, KV head, chunk) programs to fill the GPU (~2 per SM), chunks of at
         # least 256 slots so each program streams a useful amount of cache.
         block_n, num_warps = 64, 4
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = _num_sms(q.device)
         want = max(1, triton.cdiv(2 * sms, B * Hkv))
         split = max(256, triton.cdiv(triton.cdiv(S, want), block_n) * block_n)
     num_splits = triton.cdiv(S, split)
@@ -855,7 +861,7 @@ def _swiglu_gate_up(x2, w_gate, w_up, dh=None):
     args = (x2, w_gate, w_up, h, h, dg, du, M, N, K, x2.stride(0), x2.stride(1),
             w_gate.stride(0), w_gate.stride(1), h.stride(0), h.stride(1))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _launch(_swiglu_bwd_kernel if backward else _swiglu_fwd_kernel, grid, args,
+    _launch(_swiglu_bwd_kernel if backward else _swiglu_fwd_kernel, _swiglu_body, grid, args,
             FIXED_BLOCKS["swiglu"], BACKWARD=backward, PREC=_dot_precision(x2.dtype))
     return (h, dg, du) if backward else h
 
@@ -976,7 +982,7 @@ class _RMSNorm(torch.autograd.Function):
         if INTERPRET:
             programs = min(triton.cdiv(M, rows), 4)
         else:  # a few programs per SM: enough to stream, few enough that the dW partials are tiny
-            programs = min(triton.cdiv(M, rows), 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count)
+            programs = min(triton.cdiv(M, rows), 4 * _num_sms(x2.device))
         dw_part = torch.empty(programs, N, device=x2.device, dtype=torch.float32)
         _rms_bwd_kernel[(programs,)](x2, weight, dy2, rstd, dx, dw_part, M, N, x2.stride(0), dy2.stride(0),
                                      dx.stride(0), ROWS=rows, BLOCK_N=block_n, **launch)

@@ -222,6 +222,52 @@ def test_autotuned_kernels_on_gpu(monkeypatch):
             assert (g.double() - w).abs().max() <= 2e-2 * w.abs().max(), (g.double() - w).abs().max()
 
 
+# torch.compile over the Triton path, traced on CPU: dynamo only traces user Triton kernels when it
+# believes a GPU is there, so this script (run in its own process, compiled kernels, no
+# interpreter) tells it so, runs the model on meta tensors, and replaces the kernel launches by
+# no-ops. It leans on torch internals (torch 2.13); where they moved, the test skips, and the GPU
+# test below is the real check. It caught two bugs no CPU test could: a saved view of an input
+# (dynamo refuses it) and a look inside the autotuner (a graph break at every kernel).
+COMPILE_TRACE_SCRIPT = """
+import sys
+import torch, torch.utils._triton
+torch.utils._triton.has_triton = lambda: True    # "a GPU is there": trace Triton kernels
+import torch._higher_order_ops.triton_kernel_wrap as tkw
+key = torch._C.DispatchKey.CompositeExplicitAutograd
+tkw.triton_kernel_wrapper_mutation.py_kernels.pop(key)
+tkw.triton_kernel_wrapper_mutation._dispatch_cache.clear()
+tkw.triton_kernel_wrapper_mutation.py_impl(key)(lambda **kwargs: None)  # launch nothing on meta
+import kernels
+kernels.AUTOTUNE = sys.argv[1] == "autotune"
+kernels._use_triton = lambda x: True
+kernels._autocast = lambda *t: t                 # autocast has no meta device
+kernels._num_sms = lambda device: 132            # no GPU to ask
+from torch._dynamo.utils import counters
+from model import ModelConfig, Transformer
+cfg = ModelConfig.llama(vocab_size=96, hidden_size=128, num_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=352, max_position_embeddings=128)
+with torch.device("meta"):
+    model = Transformer(cfg)
+    idx = torch.zeros(2, 64, dtype=torch.long)
+    doc_ids = torch.zeros(2, 64, dtype=torch.long)
+torch.compile(model, backend="aot_eager")(idx, doc_ids, None, head=False).float().sum().backward()
+assert model.model.layers[0].mlp.gate_proj.weight.grad is not None
+print("graph breaks:", sum(counters["graph_break"].values()), dict(counters["graph_break"]))
+print("graphs:", counters["stats"]["unique_graphs"])
+"""
+
+
+@pytest.mark.parametrize("mode", ["autotune", "fixed"])
+def test_torch_compile_traces_the_triton_path_in_one_graph(mode):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_TRACE_SCRIPT, mode], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and ("AttributeError" in out.stderr or "KeyError" in out.stderr):
+        pytest.skip(f"torch internals moved: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "graph breaks: 0 {}" in out.stdout and "graphs: 1" in out.stdout, out.stdout
+
+
 @pytest.mark.skipif(DEV == "cpu", reason="torch.compile traces Triton kernels only on a GPU")
 def test_torch_compile_traces_the_kernels_without_graph_breaks():
     from torch._dynamo.utils import counters
