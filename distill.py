@@ -349,7 +349,9 @@ def main(cfg):
         rows = read_metrics(log.path)
         keys = sorted({k for r in rows for k in r if k.startswith(("train_", "val_"))})
         plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, keys, title=f"distill.py: {cfg.out_dir}")
-        print(f"[distill] saved {cfg.out_dir} at step {end}: {json.dumps(rows[-1] if rows else {})}", file=sys.stderr)
+        last_train = [r for r in rows if "tokens_per_s" in r][-1:]   # throughput (and MFU) of the last interval
+        last_val = [r for r in rows if any(k.startswith("val_") for k in r)][-1:]
+        print(f"[distill] saved {cfg.out_dir} at step {end}: {json.dumps(last_train + last_val)}", file=sys.stderr)
     teardown_dist(dist)
 
 
