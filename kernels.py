@@ -1223,12 +1223,16 @@ def _eager_attention(q, k, v):
     return torch.softmax(s.float(), -1).to(q.dtype) @ v
 
 
-def _print_table(title, header, rows):
-    print(f"\n{title}")
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+class _Table:
+    """Prints a table a row at a time (flushed), so a benchmark cut short still shows its rows."""
+
+    def __init__(self, title, header):
+        self.widths = [max(len(h), 9) for h in header]
+        print(f"\n{title}")
+        self.row(header)
+
+    def row(self, cells):
+        print("  ".join(str(c).rjust(w) for c, w in zip(cells, self.widths)), flush=True)
 
 
 def _fmt(x, spec=".2f"):
@@ -1245,7 +1249,9 @@ def bench(cfg, device="cuda"):
     print(f"kernels.py --bench on {torch.cuda.get_device_name(dev)}, {cfg.dtype}, forward+backward, "
           f"time in ms (triton.testing.do_bench median), peak = MiB allocated above the inputs")
     if "attention" in names:
-        rows = []
+        table = _Table("attention (causal, Hq = Hkv), fwd+bwd; target: triton/flash <= 1.25 at T >= 2048",
+                       ["T", "D", "B", "H", "triton ms", "flash ms", "eager ms", "tri/flash", "tri/eager",
+                        "triton MiB", "flash MiB", "eager MiB"])
         for D in _ints(cfg.head_dims, "head_dims"):
             for T in _ints(cfg.seqlens, "seqlens"):
                 B, H = max(1, cfg.tokens // T), max(1, cfg.model_dim // D)
@@ -1265,16 +1271,15 @@ def bench(cfg, device="cuda"):
 
                 res = [_measure(fn, [q, k, v]) for fn in (run_triton, run_flash, run_eager)]
                 (t_tr, m_tr), (t_fl, m_fl), (t_ea, m_ea) = res
-                rows.append([T, D, B, H, _fmt(t_tr), _fmt(t_fl), _fmt(t_ea), _fmt(t_tr / t_fl),
-                             _fmt(t_tr / t_ea), _fmt(m_tr, ".0f"), _fmt(m_fl, ".0f"), _fmt(m_ea, ".0f")])
+                table.row([T, D, B, H, _fmt(t_tr), _fmt(t_fl), _fmt(t_ea), _fmt(t_tr / t_fl),
+                           _fmt(t_tr / t_ea), _fmt(m_tr, ".0f"), _fmt(m_fl, ".0f"), _fmt(m_ea, ".0f")])
                 del q, k, v, do
-        _print_table("attention (causal, Hq = Hkv), fwd+bwd; target: triton/flash <= 1.25 at T >= 2048",
-                     ["T", "D", "B", "H", "triton ms", "flash ms", "eager ms", "tri/flash", "tri/eager",
-                      "triton MiB", "flash MiB", "eager MiB"], rows)
     for name in ("swiglu_ffn", "rms_norm"):
         if name not in names:
             continue
-        rows = []
+        table = _Table(f"{name} (x = {cfg.batch} x T x hidden), fwd+bwd; target: faster than eager, less memory",
+                       ["T", "hidden", "inter", "triton ms", "eager ms", "tri/eager", "triton MiB", "eager MiB",
+                        "mem ratio"])
         for Hd in _ints(cfg.hidden_sizes, "hidden_sizes"):
             inter = 256 * ((8 * Hd // 3 + 255) // 256)
             for T in _ints(cfg.seqlens, "seqlens"):
@@ -1292,12 +1297,9 @@ def bench(cfg, device="cuda"):
                 with backend("triton"):
                     t_tr, m_tr = _measure(fast, [x, *ws])
                 t_ea, m_ea = _measure(eager, [x, *ws])
-                rows.append([T, Hd, inter if name == "swiglu_ffn" else "-", _fmt(t_tr), _fmt(t_ea),
-                             _fmt(t_tr / t_ea), _fmt(m_tr, ".0f"), _fmt(m_ea, ".0f"), _fmt(m_tr / m_ea)])
+                table.row([T, Hd, inter if name == "swiglu_ffn" else "-", _fmt(t_tr), _fmt(t_ea),
+                           _fmt(t_tr / t_ea), _fmt(m_tr, ".0f"), _fmt(m_ea, ".0f"), _fmt(m_tr / m_ea)])
                 del x, dy, ws
-        _print_table(f"{name} (x = {cfg.batch} x T x hidden), fwd+bwd; target: faster than eager, less memory",
-                     ["T", "hidden", "inter", "triton ms", "eager ms", "tri/eager", "triton MiB",
-                      "eager MiB", "mem ratio"], rows)
 
 
 def main(argv):
