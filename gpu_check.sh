@@ -6,8 +6,8 @@
 #   2. kernels.py --bench: fwd+bwd time and peak memory against SDPA-flash and eager (bf16)
 #   3. data.py + distill.py config/parent_1gpu.py for 100 steps: bf16 autocast, torch.compile, MFU
 #   4. sample.py from that checkpoint: generation with the KV cache and flash-decoding on the GPU
-# Usage: bash gpu_check.sh [all|kernels|train]    kernels = steps 1-2 (at most 8 minutes), train =
-# steps 3-4 (at most 4); `all` can reach 12 minutes at the limits, past a 10-minute device call, so
+# Usage: bash gpu_check.sh [all|kernels|train]    kernels = steps 1-2 (at most 8.5 minutes), train =
+# steps 3-4 (at most 4.5); `all` can reach 13 minutes at the limits, past a 10-minute device call, so
 # on the device tool run `kernels` and `train` as two calls.
 # Logs go to $OUT (the device tool's folder) or out/gpu_check.
 set -u
@@ -22,7 +22,7 @@ step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
   echo "=== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" 2>&1 | tee "$LOG/$name.log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$LOG/$name.log"
   rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - start))s"
   [ "$rc" -eq 0 ] || failed+=("$name")
@@ -30,11 +30,12 @@ step() {  # step NAME SECONDS COMMAND...
 
 part=${1:-all}
 case $part in all|kernels|train) ;; *) echo "usage: bash gpu_check.sh [all|kernels|train]"; exit 2;; esac
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
-'|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')" 2>&1 | tee "$LOG/versions.log"
+step versions 30 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', \
+triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')"
 if [ "$part" != train ]; then
-  step tests 180 "$PY" -m pytest -q tests/test_kernels.py
-  step bench 300 "$PY" kernels.py --bench --seqlens=1024,2048,4096,8192
+  # -v and --durations: a run cut off at its limit still shows which test it was in, and the slow ones
+  step tests 240 "$PY" -m pytest -v --durations=15 tests/test_kernels.py
+  step bench 240 "$PY" kernels.py --bench --seqlens=1024,2048,4096,8192
 fi
 if [ "$part" != kernels ]; then
   step data 30 "$PY" data.py

@@ -30,7 +30,8 @@ TRITON_INTERPRET=1 was in the environment when this module was imported: then CP
 the Triton kernels too, in Triton's interpreter (numpy, slow, fp32/fp16 only: no bf16). The test
 suite (tests/conftest.py) sets TRITON_INTERPRET=1 but pins CPU_BACKEND = "torch", so model and
 training tests stay fast; kernel tests opt in with `with kernels.backend("triton"):` and check
-`kernels.TRITON_CALLS` to prove the Triton path ran.
+`kernels.TRITON_CALLS` to prove the Triton path ran (eager launches only: code that torch.compile
+traces is not counted).
 
 Run:  python kernels.py --bench            (needs a CUDA GPU; prints the tables of the README)
       python kernels.py --bench --kernels=attention --seqlens=2048,4096 --head_dims=128
@@ -119,9 +120,10 @@ _BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
 # Kernel launches per name ("attention_fwd", "swiglu_bwd", ...): lets tests prove Triton ran.
 TRITON_CALLS = Counter()
-# False: launch every kernel with the fixed FIXED_BLOCKS below instead of autotuning. The test suite
-# sets it on a GPU, where autotuning (16 configs per kernel and shape class, ~1.5 s of compile
-# each) would cost more than the tests themselves; the benchmark and training autotune.
+# False: launch the attention and SwiGLU kernels with the fixed FIXED_BLOCKS below instead of
+# autotuning them. The test suite sets it on a GPU, where autotuning (7-16 configs per kernel and
+# shape class, ~1 s of compile each) would cost more than the tests themselves; the benchmark and
+# training autotune. (Decode and RMSNorm are not autotuned: they size their blocks from the shape.)
 AUTOTUNE = True
 
 
@@ -179,9 +181,9 @@ def _launch(tuned, plain, grid, args, fixed_meta, **consts):
         tuned[grid](*args, **consts)
 
 
-# Fixed blocks used under the interpreter and when AUTOTUNE is off. Small on purpose: with T = 129
-# every loop runs several iterations and the last block is ragged, which is where index bugs live.
-# Tests may change them.
+# Fixed blocks: all of them under the interpreter; the attention and SwiGLU ones on a GPU too when
+# AUTOTUNE is off. Small on purpose: with T = 129 every loop runs several iterations and the last
+# block is ragged, which is where index bugs live. Tests may change them.
 FIXED_BLOCKS = {
     "attn_fwd": dict(BLOCK_M=32, BLOCK_N=16),       # BLOCK_M % BLOCK_N == 0 (causal staging)
     "attn_bwd_dkdv": dict(BLOCK_M=16, BLOCK_N=32),  # BLOCK_N % BLOCK_M == 0
@@ -1116,10 +1118,9 @@ def compile_check(arch=90, only=None):
         raise RuntimeError("compile_check needs the compiled kernels: run without TRITON_INTERPRET=1")
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     results = []
-    for name, kernel, ptrs, floats, consts, options in _compile_specs():
+    for name, fn, ptrs, floats, consts, options in _compile_specs():   # fn: the plain @triton.jit
         if only is not None and name not in only:
             continue
-        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         sig, attrs = {}, {}
         for i, arg in enumerate(fn.arg_names):
             sig[arg] = ("constexpr" if arg in consts else "*" + ptrs[arg] if arg in ptrs
