@@ -791,7 +791,7 @@ def _swiglu_configs():
 
 
 @triton.jit
-def _swiglu_body(X, WG, WU, H, DH, DG, DU, M, N, K,
+def _swiglu_body(X, WG, WU, H, DH, DG, DU, M, N, K, M_BUCKET,
                  stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hn,
                  BACKWARD: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -844,9 +844,12 @@ def _swiglu_body(X, WG, WU, H, DH, DG, DU, M, N, K,
         tl.store(H + out_off, h.to(H.dtype.element_ty), mask=out_ok)
 
 
-_swiglu_fwd_kernel = _autotune(_swiglu_configs(), key=["M", "N", "K", "PREC"])(_swiglu_body)
+# Autotune per power-of-two bucket of the token count M (M_BUCKET, unused by the kernel), not per M:
+# generation prefills batches of every length and would otherwise re-tune at each new one.
+_swiglu_fwd_kernel = _autotune(_swiglu_configs(), key=["M_BUCKET", "N", "K", "PREC"])(_swiglu_body)
 # restore_value: the autotuner runs each config on the same buffers; DH is overwritten in place.
-_swiglu_bwd_kernel = _autotune(_swiglu_configs(), key=["M", "N", "K", "PREC"], restore_value=["DH"])(_swiglu_body)
+_swiglu_bwd_kernel = _autotune(_swiglu_configs(), key=["M_BUCKET", "N", "K", "PREC"],
+                               restore_value=["DH"])(_swiglu_body)
 
 
 def _swiglu_gate_up(x2, w_gate, w_up, dh=None):
@@ -860,7 +863,7 @@ def _swiglu_gate_up(x2, w_gate, w_up, dh=None):
     else:
         h = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
         dg = du = h    # unused pointers when BACKWARD=False
-    args = (x2, w_gate, w_up, h, h, dg, du, M, N, K, x2.stride(0), x2.stride(1),
+    args = (x2, w_gate, w_up, h, h, dg, du, M, N, K, triton.next_power_of_2(M), x2.stride(0), x2.stride(1),
             w_gate.stride(0), w_gate.stride(1), h.stride(0), h.stride(1))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _launch(_swiglu_bwd_kernel if backward else _swiglu_fwd_kernel, _swiglu_body, grid, args,
