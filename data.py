@@ -36,8 +36,10 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
+from configurator import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input data: the message names the file, line and field."""
 
 
@@ -373,6 +375,12 @@ def split_reasoning(response_text):
     return None, text
 
 
+def has_think_block(response_text):
+    """True iff the response holds a think block: a <think> tag and, after it, a </think>."""
+    start = response_text.find(THINK_START)
+    return start >= 0 and THINK_END in response_text[start + len(THINK_START):]
+
+
 def format_response(reasoning_text, answer, reasoning):
     """The paper's response layout: on -> `<think>\\n...\\n</think>\\n\\nanswer`, off -> answer."""
     if reasoning == "on":
@@ -511,6 +519,26 @@ def generate_problems(task, split, n, seed, k_min=2, k_max=8, unique=False):
     return out
 
 
+def heldout_problems(split, n, seed, k_min=3, k_max=8, chat_share=0.4, n_chat=None):
+    """n distinct problems of a held-out split ("val" or "test") for evaluation: addition chains
+    spread evenly over k in [k_min, k_max] (k=2 is the addition table, stated in pretraining), and
+    n_chat (default: chat_share of n) chat tasks. 500 problems: 50 chains per k = 3..8 + 200 chat,
+    data.py's test_problems.jsonl. Another seed gives another sample of the split."""
+    if n < 1:
+        raise ValueError(f"heldout_problems: n must be >= 1, got {n}")
+    n_chat = round(n * chat_share) if n_chat is None else n_chat
+    ks = list(range(k_min, k_max + 1))
+    n_add = n - n_chat
+    probs = []
+    for i, k in enumerate(ks):
+        m = n_add // len(ks) + (i < n_add % len(ks))
+        if m:
+            probs += generate_problems(ADD_TASK, split, m, seed, k, k, unique=True)
+    if n_chat:
+        probs += generate_problems("chat", split, n_chat, seed, unique=True)
+    return probs
+
+
 def _normalise(text):
     """Whitespace-tolerant form: lines stripped, runs of spaces collapsed, blank lines dropped."""
     return "\n".join(" ".join(line.split()) for line in text.strip().splitlines() if line.strip())
@@ -618,6 +646,38 @@ def build_pretrain_corpus(n_docs, seed, split="train", k_min=2, k_max=8):
             docs.append(_doc_chains(rng, split, k_min, k_max))
         else:
             docs.append(_doc_words(rng, split))
+    return docs
+
+
+# Instruct conversations for the parent. The paper's parents (Llama-3.3-70B-Instruct,
+# Llama-3.1-405B-Instruct) answer chat prompts directly; they were never taught to think. So the
+# nano parent's pretraining mixes in conversations in the Llama 3 chat template whose assistant
+# turn is the bare answer: problems of the requested split (train for the training shards), a
+# system prompt drawn from a few generic ones (never the reasoning toggle: that is SFT's), and
+# one turn in four with an earlier exchange in the history. Loss falls on every token, as in
+# pretraining.
+
+PARENT_SYSTEM_PROMPTS = ("", "", "You are a helpful assistant.", "Answer the question.",
+                         "Be brief.", "You are a careful assistant. Reply with the answer only.")
+
+
+def build_chat_documents(tok, n_docs, seed, split="train", k_min=2, k_max=8, chat_share=0.75):
+    """n_docs instruct conversations rendered with the chat template -> token lists (each starts
+    with BOS and ends with <|eot_id|>). A share chat_share of the questions are chat tasks, the
+    rest addition chains; the answer is given directly (no think block)."""
+    rng = random.Random(f"parent-chat/{seed}/{split}")
+    n_chat = round(n_docs * 2 * chat_share)
+    probs = (generate_problems(ADD_TASK, split, n_docs * 2 - n_chat, seed, k_min, k_max)
+             + generate_problems("chat", split, n_chat, seed))
+    rng.shuffle(probs)
+    docs = []
+    for i in range(n_docs):
+        p, q = probs[2 * i], probs[2 * i + 1]
+        msgs = [{"role": "system", "content": rng.choice(PARENT_SYSTEM_PROMPTS)}]
+        if rng.random() < 0.25:
+            msgs += [{"role": "user", "content": q["prompt"]}, {"role": "assistant", "content": q["answer"]}]
+        msgs += [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["answer"]}]
+        docs.append(tok.render_chat(msgs)[0])
     return docs
 
 
@@ -875,6 +935,8 @@ class DataConfig:
     sft_train: int = 20_000          # SFT rows; each prompt appears in "on" and "off" mode
     sft_val: int = 1_000
     chat_frac: float = 0.25          # share of chat-style prompts in SFT
+    parent_chat_frac: float = 0.3    # share of pretraining tokens that are chat conversations
+                                     # answered directly (what makes the parent an instruct model)
     rl_train: int = 4_000            # addmod10 prompts for GRPO
     val_per_k: int = 30              # unique val problems per k (k=3 has ~100 in each split)
     test_per_k: int = 50
@@ -914,21 +976,30 @@ def prepare(cfg):
     sizes = {}
     for split, split_name, budget in (("train", "pretrain_train", cfg.pretrain_tokens),
                                       ("val", "pretrain_val", cfg.pretrain_val_tokens)):
-        docs, n_tok, batch = [], 0, 0
+        docs, n_tok, n_chat_tok, batch = [], 0, 0, 0
         bar = tqdm(total=budget, desc=split_name, unit="tok", leave=False)
         while n_tok < budget:
             texts = build_pretrain_corpus(500, cfg.seed * 1000 + batch, split, cfg.k_min, cfg.k_max)
-            for ids in tok.encode_batch(texts):
-                docs.append([tok.bos_id] + ids)
-                n_tok += len(ids) + 1
-                bar.update(len(ids) + 1)
+            batch_docs = [([tok.bos_id] + ids, False) for ids in tok.encode_batch(texts)]
+            if cfg.parent_chat_frac > 0:  # conversations: parent_chat_frac of the tokens
+                text_tok = sum(len(d) for d, _ in batch_docs)
+                want = text_tok * cfg.parent_chat_frac / (1 - cfg.parent_chat_frac)
+                chats = build_chat_documents(tok, max(1, round(want / 50)),  # ~50 tokens each
+                                             cfg.seed * 1000 + batch, split, cfg.k_min, cfg.k_max)
+                batch_docs += [(d, True) for d in chats]
+                random.Random(cfg.seed * 1000 + batch).shuffle(batch_docs)
+            for d, is_chat in batch_docs:
+                docs.append(d)
+                n_tok += len(d)
+                n_chat_tok += len(d) * is_chat
+                bar.update(len(d))
                 if n_tok >= budget:
                     break
             batch += 1
         bar.close()
         idx = write_token_shards(docs, os.path.join(out, split_name), dtype_for_vocab(tok.n_vocab),
                                  tok.bos_id)
-        sizes[split_name] = {"tokens": idx["n_tokens"], "docs": idx["n_docs"]}
+        sizes[split_name] = {"tokens": idx["n_tokens"], "docs": idx["n_docs"], "chat_tokens": n_chat_tok}
     # 3. SFT, RL, val/test problems
     for name, n, split in (("sft_train", cfg.sft_train, "train"), ("sft_val", cfg.sft_val, "val")):
         rows = _sft_rows(n, split, cfg.seed, cfg)
@@ -940,12 +1011,9 @@ def prepare(cfg):
     rl = generate_problems(ADD_TASK, "train", cfg.rl_train, cfg.seed + 2, cfg.k_min, cfg.k_max)
     write_rl_jsonl(rl, os.path.join(out, "rl_train.jsonl"))
     sizes["rl_train"] = {"rows": len(rl)}
-    for split, per_k in (("val", cfg.val_per_k), ("test", cfg.test_per_k)):
-        probs = []
-        for k in range(cfg.eval_k_min, cfg.k_max + 1):
-            probs += generate_problems(ADD_TASK, split, per_k, cfg.seed + 3, k, k, unique=True)
-        probs += generate_problems("chat", split, cfg.test_chat if split == "test" else per_k * 4,
-                                   cfg.seed + 3, unique=True)
+    n_ks = cfg.k_max - cfg.eval_k_min + 1
+    for split, per_k, n_chat in (("val", cfg.val_per_k, cfg.val_per_k * 4), ("test", cfg.test_per_k, cfg.test_chat)):
+        probs = heldout_problems(split, per_k * n_ks + n_chat, cfg.seed + 3, cfg.eval_k_min, cfg.k_max, n_chat=n_chat)
         write_rl_jsonl(probs, os.path.join(out, f"{split}_problems.jsonl"))
         sizes[f"{split}_problems"] = {"rows": len(probs)}
     with open(os.path.join(out, "data_meta.json"), "w") as f:

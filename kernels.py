@@ -100,12 +100,20 @@ def decode_attention_ref(q, k_cache, v_cache, kv_start, kv_end):
     """One new query per sequence against a static KV cache.
     q (B, Hq, 1, D); caches (B, Hkv, S, D); row b attends to cache slots [kv_start[b], kv_end).
     kv_start is a (B,) tensor (left padding of batched prompts), kv_end a 0-d tensor or int:
-    both stay on the device so the decode loop never waits on the host."""
-    S = k_cache.shape[2]
+    both stay on the device so the decode loop never waits on the host.
+    Written out (scores, mask, softmax, values) rather than as SDPA: for one query per row the
+    fused CPU kernel costs more in setup than the arithmetic, and torch.compile fuses these few
+    ops into one loop. The G = Hq // Hkv query heads of a group share their KV head through a
+    view, never a copy of the cache."""
+    B, Hq, _, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, Hkv, Hq // Hkv, D)
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * D ** -0.5  # (B, Hkv, G, S)
     slots = torch.arange(S, device=q.device)
     mask = (slots[None, :] >= kv_start[:, None]) & (slots[None, :] < kv_end)  # (B, S)
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[:, None, None, :],
-                                          enable_gqa=q.shape[1] != k_cache.shape[1])
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    y = torch.matmul(scores.softmax(-1).to(v_cache.dtype), v_cache)           # (B, Hkv, G, D)
+    return y.reshape(B, Hq, 1, D)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,16 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 
+from configurator import UserError
 from kernels import attention, decode_attention, rms_norm, swiglu_ffn
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder or config.json that cannot be loaded: the message names the file."""
+
+
+class NonFiniteError(UserError):
+    """Weights or logits that hold NaN or inf, named where they are met."""
 
 # ------------------------------------------------------------------------------------------------
 # Configuration
@@ -200,9 +209,18 @@ class GQAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = attention(q, k, v, causal=True, doc_ids=doc_ids)
-        else:
-            y = cache.attend(q, k, v, doc_ids)
+        else:  # the prompt pass of generation: also fills the cache
+            y = cache.prefill(q, k, v, doc_ids)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def decode(self, x, cos, sin, cache, slot):
+        """One new token per row, x (B, H), against the static cache (see Transformer.decode_step)."""
+        B = x.shape[0]
+        q = self.q_proj(x).view(B, self.n_heads, 1, self.head_dim)
+        k = self.k_proj(x).view(B, self.n_kv, 1, self.head_dim)
+        v = self.v_proj(x).view(B, self.n_kv, 1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(cache.decode(q, k, v, slot).reshape(B, -1))
 
 
 class LinearAttention(nn.Module):
@@ -264,6 +282,13 @@ class DecoderLayer(nn.Module):
     def forward(self, h, rope, doc_ids=None, cache=None):
         return self.ffn_block(self.attention_block(h, rope, doc_ids, cache))
 
+    def decode(self, h, cos, sin, cache, slot):
+        """One token per row, h (B, H): the same layer with the KV cache's decode path."""
+        if self.self_attn is not None:
+            x = self.input_layernorm(h)
+            h = h + (self.self_attn.decode(x, cos, sin, cache, slot) if cache is not None else self.self_attn(x))
+        return self.ffn_block(h)
+
 
 class LlamaBody(nn.Module):
     """Named `model` inside Transformer so parameter names equal Hugging Face's tensor names."""
@@ -321,67 +346,114 @@ class Transformer(nn.Module):
         return (out, hidden) if return_hidden else out
 
     # -------------------------------------------------------------------------------------------
-    # Generation with a static KV cache (gpt-fast style: preallocated, written by index, no host
-    # synchronisation inside the decode loop except an occasional "all rows done?" check).
+    # Generation (gpt-fast style): a static KV cache, allocated once and written by index, and a
+    # decode loop without host synchronisation (but an "all rows done?" check every 16 steps).
+    # Decoding a small model is per-op overhead, not arithmetic: an eager step of the nano parent
+    # is ~800 small ops (~1.7 ms on a CPU core) for tens of microseconds of arithmetic. So the
+    # whole step (embedding, layers, head, sampling, stop checks, cache and position bookkeeping)
+    # is one function of preallocated tensors, and compile=True turns it into one graph with
+    # torch.compile: inductor's C++ loops on a CPU, CUDA graphs on a GPU. The prompt pass
+    # (prefill) runs once per call, eagerly, since its length varies.
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 stop_ids=(), seed=None, pad_id=0, vocab_limit=None, check_done_every=16):
+                 stop_ids=(), seed=None, pad_id=0, vocab_limit=None, check_done_every=16,
+                 compile=False, stream=None):
         """Batched sampling for prompts of different lengths (list of lists of token ids).
         Prompts are left-padded so every row writes the same cache slot at each step; row b's
         pad slots are masked out (kv_start[b]) and its RoPE positions start at 0 on its first
-        real token. Each row samples independently from one seeded generator. A row stops after
-        emitting one of `stop_ids` (the stop token is kept as the row's last token).
+        real token. Each row samples independently: every step draws fresh noise for every row
+        from one seeded generator (see sample_next). A row stops after emitting one of
+        `stop_ids` (the stop token is kept as the row's last token).
         vocab_limit: only ids below it are sampled (a model whose embedding is padded beyond
-        its tokenizer). Returns a list of generated token lists (prompts not included)."""
+        its tokenizer). compile=True runs the decode step as one torch.compile graph (the first
+        call for a new batch size / cache length / sampling setting compiles it); its greedy
+        tokens equal the eager path's. stream: called with the (B,) tensor of new tokens after
+        every step (a host sync per token: for interactive chat). Logits that are not finite raise
+        NonFiniteError. Returns a list of generated token lists (prompts not included)."""
         cfg, dev = self.config, self.inv_freq.device
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
         B, L = len(prompts), max(len(p) for p in prompts)
-        # the last sampled token is never fed back, so it needs no slot
-        if L + max_new_tokens - 1 > cfg.max_position_embeddings:
+        need = L + max_new_tokens - 1  # the last sampled token is never fed back: it needs no slot
+        if need > cfg.max_position_embeddings:
             raise ValueError(f"generate: a prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"the model's context of {cfg.max_position_embeddings}")
+        # A compiled step is specialised to its shapes: round the cache up to a power of two so
+        # that calls with other prompt lengths reuse the graph.
+        S = min(cfg.max_position_embeddings, max(64, 1 << (need - 1).bit_length())) if compile else need
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         pad = torch.tensor([L - len(p) for p in prompts], device=dev)
         idx = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)
-        caches = KVCache.for_model(self, B, L + max_new_tokens - 1, pad)
+        caches = KVCache.for_model(self, B, S, pad)
         slots = torch.arange(L, device=dev)
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)
         doc_ids = (slots[None, :] >= pad[:, None]).long()  # pad tokens = document 0, prompt = 1
-        logits = self._forward_cached(idx, positions, caches, doc_ids)
-        stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
-        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-        pos = positions[:, -1]
-        for t in range(max_new_tokens):
-            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-                logits[:, vocab_limit:] = float("-inf")
-            tok = sample_next(logits, temperature, top_k, top_p, gen)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out[:, t] = tok
-            hit = torch.isin(tok, stop) & ~done
-            lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
-            done = done | hit
-            if t == max_new_tokens - 1 or ((t + 1) % check_done_every == 0 and bool(done.all())):
+        logits = self._forward_cached(idx, positions, caches, doc_ids)  # prefill: slots [0, L)
+        st = DecodeState(B, max_new_tokens, logits.shape[-1], positions[:, -1], L - 1, stop_ids,
+                         pad_id, vocab_limit, sample=temperature > 0, device=dev)
+        sampling = (temperature, top_k, top_p)
+        st.draw_noise(gen)
+        st.emit(logits, *sampling)  # the first new token comes from the prompt's last position
+        step = self.compiled_decode_step() if compile else self.decode_step
+        for t in range(1, max_new_tokens):
+            if stream is not None:
+                stream(st.tok)
+                if bool(st.done.all()):
+                    break
+            if t % check_done_every == 0 and bool(st.done.all()):  # the only host sync
                 break
-            pos = pos + 1
-            for c in caches.values():
-                c.advance()
-            logits = self._forward_cached(tok[:, None], pos[:, None], caches)
-        out, lengths = out.tolist(), lengths.tolist()
+            st.draw_noise(gen)
+            # From the second step on the compiled step sees the very tensors it was (compiled or)
+            # looked up for, so its guards (~100 us of checks per call on a CPU) need to run only
+            # where they tell cached graphs apart.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and t > 1):
+                step(caches, st, *sampling)
+        if stream is not None and not bool(st.done.all()):
+            stream(st.tok)
+        if bool(st.nonfinite.any()):
+            rows = st.nonfinite.nonzero().flatten().tolist()
+            raise NonFiniteError(f"generate: the model's logits are not finite (NaN or inf) for rows {rows[:8]} "
+                                 f"of {B}: its weights or activations overflowed")
+        out, lengths = st.out.tolist(), st.lengths.tolist()
         return [row[:n] for row, n in zip(out, lengths)]
 
     def _forward_cached(self, idx, positions, caches, doc_ids=None):
-        """Run the layers with the KV cache; logits of the last position only (B, V)."""
+        """The prompt pass: run the layers, filling the KV cache; logits of the last position (B, V)."""
         h = self.model.embed_tokens(idx)
         rope = rope_cos_sin(self.inv_freq, positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, rope, doc_ids, caches.get(i))
         return self.lm_head(self.model.norm(h[:, -1]))
+
+    def decode_step(self, caches, st, temperature, top_k, top_p):
+        """One token per row: feed st.tok at position st.pos + 1 (cache slot st.slot + 1), sample
+        the next token into st. Tensors in, tensors mutated in place: no Python value depends on
+        the data, so torch.compile can turn the whole step into one graph."""
+        st.pos.add_(1)
+        st.slot.add_(1)
+        h = self.model.embed_tokens(st.tok)  # (B, H): one token per row, no time axis
+        cos, sin = rope_cos_sin(self.inv_freq, st.pos[:, None], h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer.decode(h, cos, sin, caches.get(i), st.slot)
+        st.emit(self.lm_head(self.model.norm(h)), temperature, top_k, top_p)
+
+    def compiled_decode_step(self):
+        """decode_step as one torch.compile graph (fullgraph: a graph break is an error), built
+        once per model and specialised to the shapes and sampling settings of a call (a new batch
+        size, cache length or temperature compiles again; weights are graph inputs, so training
+        the model between calls needs no recompile). On a GPU mode="reduce-overhead" replays it
+        as a CUDA graph (the tensors it writes are marked static, see _mark_static); on a CPU,
+        inductor's C++ wrapper calls the kernels without going through Python."""
+        if getattr(self, "_compiled_decode", None) is None:
+            if self.inv_freq.is_cuda:
+                kw = dict(mode="reduce-overhead")
+            else:
+                kw = dict(options={"cpp_wrapper": True})
+            self._compiled_decode = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
+        return self._compiled_decode
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
@@ -395,9 +467,12 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def sample_next(logits, temperature, top_k, top_p, generator):
+def sample_next(logits, temperature, top_k, top_p, generator=None, noise=None):
     """logits (B, V) -> (B,) token ids. temperature 0 is greedy; top-k then top-p (nucleus)
-    filtering; one multinomial draw per row from a seeded generator (no host sync)."""
+    filtering; then one draw per row by the exponential race: argmax_v p_v / E_v with E_v ~ Exp(1)
+    i.i.d. picks v with probability p_v (the Gumbel-max trick in another dress). The noise E
+    (B, V) is passed in (drawn from a seeded generator outside the step, so a compiled step has
+    no random op inside) or drawn here from `generator`. No host sync."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -413,19 +488,72 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+class DecodeState:
+    """The decode loop's tensors, allocated once per generate call and updated in place:
+    tok (B,) the last sampled token, pos (B,) its RoPE position, slot () its cache slot,
+    t () how many tokens are out, out (B, N), done (B,), lengths (B,), nonfinite (B,) (a row met
+    NaN/inf logits), noise (B, V) for sampling, the stop ids and an additive vocabulary mask
+    (-inf at ids >= vocab_limit)."""
+
+    def __init__(self, B, N, V, pos, slot, stop_ids, pad_id, vocab_limit, sample, device):
+        self.tok = torch.zeros(B, dtype=torch.long, device=device)
+        self.pos = pos.clone()
+        self.slot = torch.tensor(slot, device=device)
+        self.t = torch.zeros((), dtype=torch.long, device=device)
+        self.out = torch.full((B, N), pad_id, dtype=torch.long, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.lengths = torch.full((B,), N, dtype=torch.long, device=device)
+        self.nonfinite = torch.zeros(B, dtype=torch.bool, device=device)
+        self.noise = torch.ones(B, V, device=device) if sample else None
+        self.stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+        self.vocab_mask = torch.zeros(V, device=device)
+        if vocab_limit is not None and vocab_limit < V:
+            self.vocab_mask[vocab_limit:] = float("-inf")
+        self.pad_id = pad_id
+        _mark_static(self.tok, self.pos, self.slot, self.t, self.out, self.done, self.lengths,
+                     self.nonfinite, self.noise, self.stop, self.vocab_mask)
+
+    def draw_noise(self, generator):
+        if self.noise is not None:
+            self.noise.exponential_(generator=generator)
+
+    def emit(self, logits, temperature, top_k, top_p):
+        """Sample every row's next token from logits (B, V) and record it: finished rows emit
+        pad_id, a row that emits a stop id is done, its length fixed."""
+        self.nonfinite.logical_or_(~torch.isfinite(logits).all(-1) & ~self.done)
+        tok = sample_next(logits.float() + self.vocab_mask, temperature, top_k, top_p, noise=self.noise)
+        tok = torch.where(self.done, self.pad_id, tok)
+        self.out.index_copy_(1, self.t.view(1), tok[:, None])
+        hit = torch.isin(tok, self.stop) & ~self.done
+        self.lengths.copy_(torch.where(hit, self.t + 1, self.lengths))
+        self.done.logical_or_(hit)
+        self.tok.copy_(tok)
+        self.t.add_(1)
+
+
+def _mark_static(*tensors):
+    """Tell torch.compile these tensors keep their address across calls (CUDA graphs may then
+    read and write them in place). A no-op for eager code."""
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.mark_static_address(t)
 
 
 class KVCache:
     """Static per-layer cache (B, n_kv, S, D), allocated once, only for real attention layers
-    (no_op and linear layers mix no tokens, so they need none). `pos` is a 0-d device tensor: the
-    slot the next single-token step writes, so the decode loop runs without host syncs."""
+    (no_op and linear layers mix no tokens, so they need none). Row b's slots before kv_start[b]
+    are its left padding, never attended to."""
 
     def __init__(self, B, n_kv, S, D, kv_start, dtype, device):
         self.k = torch.zeros(B, n_kv, S, D, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.kv_start = kv_start
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        _mark_static(self.k, self.v, self.kv_start)
 
     @staticmethod
     def for_model(model, B, S, kv_start):
@@ -433,18 +561,18 @@ class KVCache:
         return {i: KVCache(B, cfg.kv_heads(i), S, cfg.head_dim, kv_start, w.dtype, w.device)
                 for i in range(cfg.num_hidden_layers) if cfg.block_configs[i].attention == "gqa"}
 
-    def advance(self):
-        self.pos += 1
+    def prefill(self, q, k, v, doc_ids):
+        """The prompt attends to itself; its K/V go to slots [0, T)."""
+        T = k.shape[2]
+        self.k[:, :, :T], self.v[:, :, :T] = k, v
+        return attention(q, k, v, causal=True, doc_ids=doc_ids)
 
-    def attend(self, q, k, v, doc_ids):
-        T = q.shape[2]
-        if T > 1:  # prefill: the prompt attends to itself; store its K/V in slots [0, T)
-            self.k[:, :, :T], self.v[:, :, :T] = k, v
-            self.pos.fill_(T - 1)
-            return attention(q, k, v, causal=True, doc_ids=doc_ids)
-        self.k.index_copy_(2, self.pos.view(1), k)
-        self.v.index_copy_(2, self.pos.view(1), v)
-        return decode_attention(q, self.k, self.v, self.kv_start, self.pos + 1)
+    def decode(self, q, k, v, slot):
+        """One new token per row: store its K/V at `slot` (a 0-d device tensor), attend to
+        slots [kv_start, slot]."""
+        self.k.index_copy_(2, slot.view(1), k)
+        self.v.index_copy_(2, slot.view(1), v)
+        return decode_attention(q, self.k, self.v, self.kv_start, slot + 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -522,6 +650,10 @@ def config_from_dict(d, where="config.json"):
             unknown = set(d) - keys - {"model_type"}
             if unknown:
                 raise ValueError(f"unknown keys {sorted(unknown)}")
+            # a saved config states every size: a missing one must not fall back to a default
+            missing = [k for k in ("vocab_size", "hidden_size", "num_attention_heads", "block_configs") if k not in d]
+            if missing:
+                raise ValueError(f"missing fields {missing}")
             return ModelConfig(**{k: v for k, v in d.items() if k in keys})
         for key in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers"):
             if d.get(key) is None:
@@ -550,8 +682,8 @@ def config_from_dict(d, where="config.json"):
         blocks = [BlockConfig("gqa", heads // kv, "swiglu", None, d["intermediate_size"])
                   for _ in range(d["num_hidden_layers"])]
         return ModelConfig(block_configs=blocks, **common)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{where}: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def _block_from_decilm(b, i):
@@ -622,12 +754,15 @@ def load_config(path):
     """path: a config.json file or a checkpoint folder containing one."""
     f = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(f):
-        raise FileNotFoundError(f"no config.json at {path}")
+        what = "no such file or folder" if not os.path.exists(path) else "no config.json in it"
+        raise CheckpointError(f"checkpoint {path}: {what}")
     try:
-        with open(f) as fh:
+        with open(f, encoding="utf-8") as fh:
             d = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
     return config_from_dict(d, f)
 
 
@@ -637,15 +772,18 @@ def _weight_files(folder):
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' object ({e})") from None
         missing = [x for x in files if not os.path.isfile(os.path.join(folder, x))]
         if missing:
-            raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+            raise CheckpointError(f"{index} lists shards that are missing: {missing}")
         return [os.path.join(folder, x) for x in files]
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                            "(only safetensors weights are loaded, never pickles)")
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                          "(only safetensors weights are loaded, never pickles)")
 
 
 def load_model(path, device="cpu", dtype=torch.float32):
@@ -664,11 +802,11 @@ def load_model(path, device="cpu", dtype=torch.float32):
             with safe_open(f, framework="pt") as sf:
                 for k in sf.keys():
                     if k in found:
-                        raise ValueError(f"tensor {k} is in both {os.path.basename(where[k])} and "
+                        raise CheckpointError(f"tensor {k} is in both {os.path.basename(where[k])} and "
                                          f"{os.path.basename(f)}")
                     found[k], where[k] = tuple(sf.get_slice(k).get_shape()), f
         except SafetensorError as e:
-            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
     if cfg.tie_word_embeddings and "lm_head.weight" in found:
         found.pop("lm_head.weight")  # some exports store the tied copy too; it is the same tensor
     problems = []
@@ -683,13 +821,20 @@ def load_model(path, device="cpu", dtype=torch.float32):
             problems.append(f"{k}: shape {list(found[k])} in {os.path.basename(where[k])}, "
                             f"config expects {list(expected[k])}")
     if problems:
-        raise ValueError(f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"checkpoint {path} does not match its config.json: " + "; ".join(problems))
     state = {}
     for f in _weight_files(path):
-        with safe_open(f, framework="pt", device="cpu") as sf:
-            for k in sf.keys():
-                if k in expected:
-                    state[k] = sf.get_tensor(k).to(device=device, dtype=dtype)
+        try:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for k in sf.keys():
+                    if k in expected:
+                        t = sf.get_tensor(k)
+                        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                            bad = int((~torch.isfinite(t)).sum())
+                            raise CheckpointError(f"{f}: tensor {k} holds {bad} non-finite values (NaN or inf)")
+                        state[k] = t.to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from runtime import (ConfigError, doc_ids_and_positions, grad_accum_steps, lr_at, parse_config,
-                     read_preset)
+from configurator import ConfigError, parse_config, read_preset
+from runtime import doc_ids_and_positions, grad_accum_steps, lr_at
 
 
 @dataclass

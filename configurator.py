@@ -1,0 +1,234 @@
+"""
+configurator.py: the one config parser every script uses, and the one error path.
+
+Like nanoGPT's configurator.py, minus the exec. A script declares a dataclass of defaults, then
+
+    python script.py [preset.py | preset.json ...] [--key=value ...]
+
+applies preset files in order (`key = literal` lines read with `ast`, never executed; or a JSON
+object) and then the flags. Values are Python literals checked against the field's type; string
+fields take the text as typed. An unknown key is an error that lists the valid ones. If the
+dataclass has a `validate()` method it runs last, so a bad value (a range, a relation between two
+flags, an unwritable output folder) is reported before any work starts.
+
+Errors: bad input from the user (a flag, a file, a line, a field) raises a `UserError` (or a
+subclass: ConfigError here, DataError in data.py, CheckpointError in model.py). `run_main` prints
+it as one line, `error: ...`, and exits with status 2. Any other exception is a bug and keeps its
+traceback (exit status 1), so it can be reported.
+
+This module imports nothing of the project, so every file (kernels.py, ranker_eval.py too) can use it.
+"""
+import ast
+import dataclasses
+import json
+import os
+import sys
+import typing
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """Bad input (flag, file, line, field): reported as one line, exit status 2."""
+
+
+class ConfigError(UserError):
+    """A flag or preset value that is invalid."""
+
+
+def _field_types(cls):
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(typ):
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    return getattr(args[0] if args else typ, "__name__", str(typ))
+
+
+def _coerce(name, raw, typ, where):
+    """Turn `raw` (a literal already parsed, or a string) into a value of type `typ`."""
+    args = typing.get_args(typ)
+    if type(None) in args:
+        if raw is None or (isinstance(raw, str) and raw.lower() == "none"):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(typ) or typ
+    if isinstance(origin, type) and origin in (list, dict, tuple) and isinstance(raw, origin):
+        return raw
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+            return raw.lower() in ("true", "1")
+        if isinstance(raw, int) and raw in (0, 1):
+            return bool(raw)
+    elif typ is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+    elif typ is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+    elif typ is str:
+        return raw if isinstance(raw, str) else str(raw)
+    raise ConfigError(f"{where}: {name}={raw!r} is not a valid {_type_name(typ)}")
+
+
+def _literal(text, typ):
+    """Flag text -> value. String fields take the text as typed (only matching outer quotes are
+    removed), so --prompt=1.50 stays "1.50"; other fields read a Python literal."""
+    if str in (typ, *typing.get_args(typ)) and text.lower() != "none":
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return text[1:-1]
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text  # not a literal: _coerce names the flag and the expected type
+
+
+def read_preset(path):
+    """A preset file -> dict. .json (an object), or .py with only `name = <literal>` statements."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist (arguments are preset files or --key=value)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.endswith(".json"):
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(out, dict):
+            raise ConfigError(f"{path}: expected a JSON object of key: value")
+        return out
+    try:
+        body = ast.parse(text, path).body
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not a preset of `name = literal` lines ({e.msg})") from None
+    out = {}
+    for node in body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # docstring / comment string
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ConfigError(f"{path}:{node.lineno}: only `name = literal` lines are allowed in a preset")
+        try:
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            raise ConfigError(f"{path}:{node.lineno}: the value of {node.targets[0].id} is not a literal") from None
+    return out
+
+
+def usage(cls):
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    lines = [doc, ""] if doc else []
+    lines.append(f"{cls.__name__}: preset files as bare paths, then --key=value overrides; defaults:")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name}={default!r}")
+    return "\n".join(lines)
+
+
+def parse_config(cls, argv=None):
+    """Defaults of dataclass `cls` <- preset file(s) given as bare paths <- --key=value flags,
+    then cls.validate() if it exists."""
+    argv = sys.argv[1:] if argv is None else argv
+    types_ = _field_types(cls)
+    values = {}
+
+    def put(key, raw, where):
+        if key not in types_:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(types_))}")
+        values[key] = _coerce(key, raw, types_[key], where)
+
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage(cls))
+            sys.exit(0)
+        if arg.startswith("--"):
+            if "=" not in arg:
+                raise ConfigError(f"flag {arg!r}: use --key=value (valid keys: {', '.join(sorted(types_))})")
+            key, text = arg[2:].split("=", 1)
+            put(key, _literal(text, types_.get(key, str)), f"flag --{key}")
+        else:
+            for key, raw in read_preset(arg).items():
+                put(key, raw, f"config file {arg}")
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks for validate() methods: each names the flag, its value and what is allowed.
+
+def check(ok, flag, value, allowed):
+    if not ok:
+        raise ConfigError(f"--{flag}={value!r}: {allowed}")
+
+
+def check_range(cfg, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    """lo <= value <= hi (or strict with *_open); None = unbounded on that side."""
+    v = getattr(cfg, name)
+    ok = (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        left = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
+        right = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
+        raise ConfigError(f"--{name}={v!r}: must satisfy {left}{name}{right}")
+
+
+def check_positive(cfg, *names):
+    for name in names:
+        check_range(cfg, name, 0, lo_open=True)
+
+
+def check_choice(cfg, name, choices):
+    v = getattr(cfg, name)
+    if v not in choices:
+        raise ConfigError(f"--{name}={v!r}: must be one of {', '.join(map(str, choices))}")
+
+
+def check_writable_dir(path, flag):
+    """The output folder can be created and written, checked before a long run rather than after."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--{flag}={path}: exists and is not a folder")
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    parent = parent or "."
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{flag}={path}: {os.path.abspath(parent)} is not writable")
+
+
+def check_readable(path, flag, kind="file"):
+    """An input file or folder exists (kind: "file", "dir" or "any")."""
+    exists = {"file": os.path.isfile, "dir": os.path.isdir, "any": os.path.exists}[kind](path)
+    if not exists:
+        what = {"file": "no such file", "dir": "no such folder", "any": "no such file or folder"}[kind]
+        raise ConfigError(f"--{flag}={path}: {what}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The one error path of every script.
+
+def run_main(main, cls, argv=None):
+    """Parse the config and run main(cfg). Expected failures (UserError, a missing or unreadable
+    file or folder) become one line on stderr and exit status 2; anything else is a bug and keeps
+    its traceback."""
+    try:
+        cfg = parse_config(cls, argv)
+        return main(cfg)
+    except UserError as e:
+        fail(e)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        fail(f"{e.filename}: {e.strerror}" if e.filename else e)
+
+
+def fail(message):
+    """Print `error: message` (one line per line of message) and exit with EXIT_USER_ERROR."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)

@@ -1,0 +1,167 @@
+"""
+evaluate.py: the two yardsticks every stage of the recipe is judged with.
+
+    evaluate_problems(model, tok, problems, reasoning)   accuracy + think rate on held-out problems
+    bench_decode(model, batch_size, ...)                 prefill / decode tokens per second
+
+The paper reports every model with reasoning on and off (sec. 4-5 tables) and its efficiency as
+throughput (sec. 2); at nano scale the accuracy comes from data.py's verifier on the held-out test
+split and the throughput from the same KV-cache generation the recipe decodes with. sample.py
+--eval / --bench print these; sft.py and grpo.py call evaluate_problems for their periodic
+evaluations, and puzzle.py's cost model times decode steps with bench_decode, so every number in
+the report comes from one piece of code. It imports model.py and data.py, never a stage file.
+"""
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from data import ADD_TASK, has_think_block, verify
+
+
+def render_for_eval(tok, problems, reasoning):
+    """The chat prompts of the problems, in the given reasoning mode (None: no toggle in the
+    system turn, an empty system prompt)."""
+    return [tok.render_prompt(p["prompt"], reasoning) for p in problems]
+
+
+def generate_responses(model, tok, prompts, max_new_tokens, batch_size=64, temperature=0.0,
+                       top_p=None, top_k=None, seed=0, compile=False, progress=None):
+    """Token prompts -> (response texts, truncated flags), in the order given. Prompts are
+    batched by length (sorted, so a batch pads little) and every batch has the same size (the
+    last one is filled with copies of its first row, whose outputs are dropped), so a compiled
+    decode step is reused. A response that hit max_new_tokens without a stop token is flagged."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts, truncated = [None] * len(prompts), [False] * len(prompts)
+    B = min(batch_size, len(prompts))
+    for start in range(0, len(order), B):
+        rows = order[start:start + B]
+        batch = [prompts[i] for i in rows]
+        batch += [batch[0]] * (B - len(batch))
+        outs = model.generate(batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              stop_ids=tok.stop_ids, seed=seed + start, pad_id=tok.pad_id,
+                              vocab_limit=tok.n_vocab, compile=compile)
+        for i, out in zip(rows, outs):
+            stopped = bool(out) and out[-1] in tok.stop_ids
+            texts[i] = tok.decode(out[:-1] if stopped else out)
+            truncated[i] = not stopped
+        if progress is not None:
+            progress.update(len(rows))
+    return texts, truncated
+
+
+def evaluate_problems(model, tok, problems, reasoning, max_new_tokens=128, batch_size=64,
+                      temperature=0.0, top_p=None, seed=0, compile=False, progress=None):
+    """Generate an answer to every problem in one reasoning mode and grade it with the verifier.
+
+    Returns {"accuracy", "think_rate", "n", "truncated", "by_task": {task: accuracy},
+    "by_k": {k: accuracy} (chain tasks), "responses": [text]}. Accuracy is data.verify (the answer
+    after </think>, or the whole response when there is none, equal to the problem's answer up to
+    whitespace); think_rate is the share of responses holding a <think>...</think> block; a
+    response cut at max_new_tokens counts as generated (it is usually wrong) and is counted in
+    "truncated". Greedy unless a temperature is given."""
+    if not problems:
+        raise ValueError("evaluate_problems: no problems")
+    was_training = model.training
+    model.eval()
+    prompts = render_for_eval(tok, problems, reasoning)
+    texts, truncated = generate_responses(model, tok, prompts, max_new_tokens, batch_size, temperature,
+                                          top_p, None, seed, compile, progress)
+    model.train(was_training)
+    correct = [verify(p, t) for p, t in zip(problems, texts)]
+    by_task, by_k = defaultdict(list), defaultdict(list)
+    for p, ok in zip(problems, correct):
+        by_task[p.get("task", "?")].append(ok)
+        if p.get("task") == ADD_TASK:
+            by_k[p["k"]].append(ok)
+    mean = lambda xs: sum(xs) / len(xs)
+    return {"accuracy": mean(correct), "think_rate": mean([has_think_block(t) for t in texts]),
+            "n": len(problems), "truncated": sum(truncated),
+            "by_task": {k: mean(v) for k, v in sorted(by_task.items())},
+            "by_k": {k: mean(v) for k, v in sorted(by_k.items())},
+            "responses": texts, "correct": correct}
+
+
+def format_breakdown(result):
+    """Accuracy per task and per chain length as two lines (sample.py prints them on stderr)."""
+    tasks = "  ".join(f"{k} {v:.3f}" for k, v in result["by_task"].items())
+    ks = "  ".join(f"k={k} {v:.3f}" for k, v in result["by_k"].items())
+    return f"by task: {tasks}\nby chain length: {ks or '-'}"
+
+
+def _bench_prompts(model, batch_size, prompt_len, new_tokens, seed):
+    cfg = model.config
+    if prompt_len + new_tokens - 1 > cfg.max_position_embeddings:
+        raise ValueError(f"bench: prompt_len={prompt_len} + new_tokens={new_tokens} exceeds the "
+                         f"model's context of {cfg.max_position_embeddings}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), generator=g).tolist()
+
+
+def _timed_generate(model, prompts, n, compile):
+    """Seconds for one greedy generate call of n new tokens per row (no stop tokens, no early exit)."""
+    sync = torch.cuda.synchronize if model.inv_freq.is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = model.generate(prompts, n, temperature=0.0, compile=compile, check_done_every=n + 1)
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def _rates(prompts, new_tokens, prefill_s, total_s):
+    B, P = len(prompts), len(prompts[0])
+    decode_s = max(total_s - prefill_s, 1e-9)
+    return {"prefill_tokens_per_s": B * P / prefill_s, "decode_tokens_per_s": B * (new_tokens - 1) / decode_s,
+            "prefill_s": prefill_s, "decode_s": decode_s}
+
+
+@torch.no_grad()
+def bench_decode(model, batch_size, prompt_len=32, new_tokens=128, compile=True, repeats=5, seed=0):
+    """Greedy generation throughput with the KV cache, as the recipe decodes.
+
+    Runs model.generate on batch_size random prompts of prompt_len tokens with no stop tokens (so
+    every row decodes new_tokens), after one warm-up call that also compiles (compile_s: its time
+    beyond a timed call). prefill: a call with max_new_tokens=1 (the prompt pass and one sample);
+    decode: the full call minus the prefill, over the batch_size * (new_tokens - 1) tokens of the
+    decode steps. Medians over `repeats`. Returns both rates, the medians, compile_s, the context
+    length used and the path that ran ("compiled" / "eager")."""
+    prompts = _bench_prompts(model, batch_size, prompt_len, new_tokens, seed)
+    was_training = model.training
+    model.eval()
+    warm, _ = _timed_generate(model, prompts, new_tokens, compile)  # compiles the decode step once
+    prefill = statistics.median(_timed_generate(model, prompts, 1, compile)[0] for _ in range(repeats))
+    total = statistics.median(_timed_generate(model, prompts, new_tokens, compile)[0] for _ in range(repeats))
+    model.train(was_training)
+    return {**_rates(prompts, new_tokens, prefill, total), "compile_s": max(warm - total, 0.0),
+            "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "context": prompt_len + new_tokens, "path": "compiled" if compile else "eager"}
+
+
+@torch.no_grad()
+def bench_compare(model, batch_size, prompt_len=32, new_tokens=128, repeats=5, seed=0):
+    """The eager and the compiled decode paths side by side: after a warm-up of each, the timed
+    calls alternate between the two (so a machine that slows down mid-run slows both), medians
+    per path. Also checks that both produce the same greedy tokens. Returns {"eager": rates,
+    "compiled": rates (+ compile_s), "decode_speedup", "prefill_speedup", "same_tokens", "context"}."""
+    prompts = _bench_prompts(model, batch_size, prompt_len, new_tokens, seed)
+    was_training = model.training
+    model.eval()
+    _, eager_tokens = _timed_generate(model, prompts, new_tokens, False)
+    warm, compiled_tokens = _timed_generate(model, prompts, new_tokens, True)
+    times = {False: {"prefill": [], "total": []}, True: {"prefill": [], "total": []}}
+    for _ in range(repeats):
+        for compile in (False, True):
+            times[compile]["prefill"].append(_timed_generate(model, prompts, 1, compile)[0])
+            times[compile]["total"].append(_timed_generate(model, prompts, new_tokens, compile)[0])
+    model.train(was_training)
+    res = {}
+    for compile, name in ((False, "eager"), (True, "compiled")):
+        med = {k: statistics.median(v) for k, v in times[compile].items()}
+        res[name] = _rates(prompts, new_tokens, med["prefill"], med["total"])
+    res["compiled"]["compile_s"] = max(warm - statistics.median(times[True]["total"]), 0.0)
+    res["decode_speedup"] = res["compiled"]["decode_tokens_per_s"] / res["eager"]["decode_tokens_per_s"]
+    res["prefill_speedup"] = res["compiled"]["prefill_tokens_per_s"] / res["eager"]["prefill_tokens_per_s"]
+    res["same_tokens"] = eager_tokens == compiled_tokens
+    res.update(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, context=prompt_len + new_tokens)
+    return res
