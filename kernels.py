@@ -101,16 +101,19 @@ def decode_attention_ref(q, k_cache, v_cache, kv_start, kv_end):
     q (B, Hq, 1, D); caches (B, Hkv, S, D); row b attends to cache slots [kv_start[b], kv_end).
     kv_start is a (B,) tensor (left padding of batched prompts), kv_end a 0-d tensor or int:
     both stay on the device so the decode loop never waits on the host.
-    Written out (scores, mask, softmax, values) rather than as SDPA: for one query per row the
-    fused CPU kernel costs more in setup than the arithmetic, and torch.compile fuses these few
-    ops into one loop. The G = Hq // Hkv query heads of a group share their KV head through a
-    view, never a copy of the cache."""
+    Under torch.compile it is written out (scores, mask, softmax, values): for one query per row
+    the fused CPU SDPA kernel costs more in setup than the arithmetic, while inductor fuses these
+    few ops into a loop or two; eagerly, SDPA is one op instead of twelve. The G = Hq // Hkv query
+    heads of a group share their KV head through a view, never a copy of the cache."""
     B, Hq, _, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(B, Hkv, Hq // Hkv, D)
-    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * D ** -0.5  # (B, Hkv, G, S)
     slots = torch.arange(S, device=q.device)
     mask = (slots[None, :] >= kv_start[:, None]) & (slots[None, :] < kv_end)  # (B, S)
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[:, None, None, :],
+                                              enable_gqa=Hq != Hkv)
+    qg = q.reshape(B, Hkv, Hq // Hkv, D)
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * D ** -0.5  # (B, Hkv, G, S)
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     y = torch.matmul(scores.softmax(-1).to(v_cache.dtype), v_cache)           # (B, Hkv, G, D)
     return y.reshape(B, Hq, 1, D)
@@ -1021,6 +1024,17 @@ def rms_norm(x, weight, eps):
     if not _use_triton(x):
         return rms_norm_ref(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)
+
+
+def swiglu_ffn_packed(x, w_gate_up, w_down):
+    """swiglu_ffn with gate and up stacked in one (2I, H) matrix (rows [0, I) gate, [I, 2I) up):
+    one matmul for both on the reference path (decode on a CPU, where each op costs more than its
+    arithmetic); the Triton kernel already computes both in one launch, so it takes the two halves."""
+    I = w_gate_up.shape[0] // 2
+    if not _use_triton(x):
+        gate, up = F.linear(x, w_gate_up).split(I, dim=-1)
+        return F.linear(F.silu(gate) * up, w_down)
+    return swiglu_ffn(x, w_gate_up[:I], w_gate_up[I:], w_down)
 
 
 def swiglu_ffn(x, w_gate, w_up, w_down):

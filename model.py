@@ -14,6 +14,7 @@ knows nothing of training or data. The math of attention, SwiGLU and RMSNorm liv
 
     python model.py PATH     # PATH: a config.json or a checkpoint folder -> per-layer table
 """
+import contextlib
 import json
 import math
 import os
@@ -24,9 +25,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from configurator import UserError
-from kernels import attention, decode_attention, rms_norm, swiglu_ffn
+from kernels import attention, decode_attention, rms_norm, swiglu_ffn, swiglu_ffn_packed
 
 
 class CheckpointError(UserError):
@@ -213,12 +215,12 @@ class GQAttention(nn.Module):
             y = cache.prefill(q, k, v, doc_ids)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def decode(self, x, cos, sin, cache, slot):
-        """One new token per row, x (B, H), against the static cache (see Transformer.decode_step)."""
-        B = x.shape[0]
-        q = self.q_proj(x).view(B, self.n_heads, 1, self.head_dim)
-        k = self.k_proj(x).view(B, self.n_kv, 1, self.head_dim)
-        v = self.v_proj(x).view(B, self.n_kv, 1, self.head_dim)
+    def decode(self, x, cos, sin, cache, slot, w_qkv):
+        """One new token per row, x (B, H), against the static cache (see Transformer.decode_step).
+        w_qkv: q_proj, k_proj and v_proj stacked (Transformer.decode_weights): one matmul, not three."""
+        B, D = x.shape[0], self.head_dim
+        qkv = F.linear(x, w_qkv).view(B, self.n_heads + 2 * self.n_kv, 1, D)
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.o_proj(cache.decode(q, k, v, slot).reshape(B, -1))
 
@@ -282,11 +284,15 @@ class DecoderLayer(nn.Module):
     def forward(self, h, rope, doc_ids=None, cache=None):
         return self.ffn_block(self.attention_block(h, rope, doc_ids, cache))
 
-    def decode(self, h, cos, sin, cache, slot):
-        """One token per row, h (B, H): the same layer with the KV cache's decode path."""
+    def decode(self, h, cos, sin, cache, slot, w):
+        """One token per row, h (B, H): the same layer with the KV cache's decode path and the
+        stacked matrices of Transformer.decode_weights (w: {"qkv", "gate_up"} where they apply)."""
         if self.self_attn is not None:
             x = self.input_layernorm(h)
-            h = h + (self.self_attn.decode(x, cos, sin, cache, slot) if cache is not None else self.self_attn(x))
+            h = h + (self.self_attn.decode(x, cos, sin, cache, slot, w["qkv"]) if cache is not None
+                     else self.self_attn(x))
+        if "gate_up" in w:
+            return h + swiglu_ffn_packed(self.post_attention_layernorm(h), w["gate_up"], self.mlp.down_proj.weight)
         return self.ffn_block(h)
 
 
@@ -380,9 +386,10 @@ class Transformer(nn.Module):
         if need > cfg.max_position_embeddings:
             raise ValueError(f"generate: a prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"the model's context of {cfg.max_position_embeddings}")
-        # A compiled step is specialised to its shapes: round the cache up to a power of two so
-        # that calls with other prompt lengths reuse the graph.
-        S = min(cfg.max_position_embeddings, max(64, 1 << (need - 1).bit_length())) if compile else need
+        # A compiled step is specialised to its shapes: round the cache up to a multiple of 64 so
+        # that calls with other prompt lengths reuse the graph (decode attention reads the whole
+        # cache, so a coarser rounding would cost time at every step).
+        S = min(cfg.max_position_embeddings, -(-need // 64) * 64) if compile else need
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         pad = torch.tensor([L - len(p) for p in prompts], device=dev)
@@ -398,19 +405,21 @@ class Transformer(nn.Module):
         st.draw_noise(gen)
         st.emit(logits, *sampling)  # the first new token comes from the prompt's last position
         step = self.compiled_decode_step() if compile else self.decode_step
-        for t in range(1, max_new_tokens):
-            if stream is not None:
-                stream(st.tok)
-                if bool(st.done.all()):
+        weights = self.decode_weights()
+        with _decode_threads(B, dev):
+            for t in range(1, max_new_tokens):
+                if stream is not None:
+                    stream(st.tok)
+                    if bool(st.done.all()):
+                        break
+                if t % check_done_every == 0 and bool(st.done.all()):  # the only host sync
                     break
-            if t % check_done_every == 0 and bool(st.done.all()):  # the only host sync
-                break
-            st.draw_noise(gen)
-            # From the second step on the compiled step sees the very tensors it was (compiled or)
-            # looked up for, so its guards (~100 us of checks per call on a CPU) need to run only
-            # where they tell cached graphs apart.
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and t > 1):
-                step(caches, st, *sampling)
+                st.draw_noise(gen)
+                # From the second step on the compiled step sees the very tensors it was (compiled
+                # or) looked up for, so its guards (~100 us of checks per call on a CPU) need to run
+                # only where they tell cached graphs apart.
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=compile and t > 1):
+                    step(caches, st, weights, *sampling)
         if stream is not None and not bool(st.done.all()):
             stream(st.tok)
         if bool(st.nonfinite.any()):
@@ -428,7 +437,7 @@ class Transformer(nn.Module):
             h = layer(h, rope, doc_ids, caches.get(i))
         return self.lm_head(self.model.norm(h[:, -1]))
 
-    def decode_step(self, caches, st, temperature, top_k, top_p):
+    def decode_step(self, caches, st, weights, temperature, top_k, top_p):
         """One token per row: feed st.tok at position st.pos + 1 (cache slot st.slot + 1), sample
         the next token into st. Tensors in, tensors mutated in place: no Python value depends on
         the data, so torch.compile can turn the whole step into one graph."""
@@ -437,8 +446,26 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(st.tok)  # (B, H): one token per row, no time axis
         cos, sin = rope_cos_sin(self.inv_freq, st.pos[:, None], h.dtype)
         for i, layer in enumerate(self.model.layers):
-            h = layer.decode(h, cos, sin, caches.get(i), st.slot)
+            h = layer.decode(h, cos, sin, caches.get(i), st.slot, weights[i])
         st.emit(self.lm_head(self.model.norm(h)), temperature, top_k, top_p)
+
+    @torch.no_grad()
+    def decode_weights(self):
+        """Per layer, the matrices that one decode step multiplies by the same input, stacked:
+        q/k/v -> "qkv" and gate/up -> "gate_up" (the layout of gpt-fast's wqkv and vLLM's merged
+        projections), so a layer costs 4 matmuls instead of 7: decoding a small batch is per-op
+        overhead. Copies, rebuilt at every generate call (so training between calls is seen); at
+        nano scale that is ~5 MB and ~1 ms. A model of billions of parameters would store its
+        weights stacked instead of copying them."""
+        out = []
+        for layer in self.model.layers:
+            w, a, f = {}, layer.self_attn, layer.mlp
+            if isinstance(a, GQAttention):
+                w["qkv"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            if isinstance(f, SwiGLU):
+                w["gate_up"] = torch.cat([f.gate_proj.weight, f.up_proj.weight])
+            out.append(w)
+        return out
 
     def compiled_decode_step(self):
         """decode_step as one torch.compile graph (fullgraph: a graph break is an error), built
@@ -454,6 +481,24 @@ class Transformer(nn.Module):
                 kw = dict(options={"cpp_wrapper": True})
             self._compiled_decode = torch.compile(self.decode_step, fullgraph=True, dynamic=False, **kw)
         return self._compiled_decode
+
+
+@contextlib.contextmanager
+def _decode_threads(batch_size, device):
+    """One CPU thread for the decode steps of a batch of a few rows. Each op of such a step is too
+    small to split, and OpenMP's fork/join around every kernel costs more than it saves: the nano
+    parent decodes one row in ~570 us per token on one thread against ~740 us on two (compiled,
+    2-core CPU). Inductor bakes the thread count into the kernels it compiles, so the choice
+    depends on the batch size alone, like the compiled graph itself."""
+    if device.type != "cpu" or batch_size > 4 or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):

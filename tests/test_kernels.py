@@ -347,6 +347,18 @@ def test_swiglu_ffn_matches_reference(lead, H, inter):
     check_swiglu(kernels, lead, H, inter)
 
 
+def test_swiglu_ffn_packed_equals_swiglu_ffn():
+    """Gate and up stacked in one matrix (the decode step's layout): same output on both paths."""
+    x = torch.randn(3, 5, 48, device=DEV)
+    wg, wu, wd = torch.randn(40, 48, device=DEV), torch.randn(40, 48, device=DEV), torch.randn(48, 40, device=DEV)
+    ref = kernels.swiglu_ffn_ref(x, wg, wu, wd)
+    for name in ("torch", "triton"):
+        with kernels.backend(name):
+            torch.testing.assert_close(kernels.swiglu_ffn_packed(x, torch.cat([wg, wu]), wd), ref, rtol=1e-4, atol=1e-4)
+    swapped = kernels.swiglu_ffn_packed(x, torch.cat([wu, wg]), wd)   # the halves' order matters
+    assert (swapped - ref).abs().max() > 1e-2
+
+
 def test_swiglu_ffn_saves_no_intermediate_activations():
     # Memory-lean backward: autograd keeps x and the weights, nothing of size tokens x intermediate
     # (the eager reference keeps gate, up, silu(gate) and h: 4 such tensors).
