@@ -406,13 +406,16 @@ def check_format(response_text, reasoning):
 # Built-in tasks
 #
 # addmod10: k single-digit operands, answer = their sum mod 10. The design note's prototype (790k
-# params, 330 s) stayed at chance answering directly but reached ~100% at k=3-4 with a trace, and
-# every first error on long chains was copying the wrong operand from the prompt. So this trace
-# keeps each step local: each line restates what is left, the running total first:
-#     3+5+2+7        the first two digits are always the next step's operands,
-#     8+2+7          and the rest of the line is a copy of the line above,
-#     0+7            at a fixed offset
-#     7
+# params, 330 s) stayed at chance answering directly but reached ~100% at k=3-4 with a trace of
+# steps `3+5=8;8+2=0`, and every first error on long chains was copying the wrong operand from the
+# prompt. So this trace restates what is left at every step, and keeps the arithmetic next to its
+# operands:
+#     3+5=8+2+7      each line adds its first two digits: the sum sits two and four tokens after
+#     8+2=0+7        its operands (a lookup at a fixed offset), and the rest of the line is the
+#     0+7=7          line above's tail, copied; the next line starts with the sum just written
+# Measured on the nano parent (SFT, 400 steps of 4k tokens): a trace that only restates the
+# running total (`3+5+2+7 / 8+2+7 / 0+7 / 7`, operands a whole line away from their sum) reached
+# ~10% on k=3..8 (every sum came out as the most frequent digit); this one 92-100% on every k.
 # k = number of operands, 2..8 by default; 10^k distinct problems per k.
 # Splits are disjoint at the problem level (no prompt is in two splits; pretraining, SFT and RL
 # use train problems only). A trace's intermediate lines are themselves shorter chains (8+2+7 above),
@@ -448,12 +451,17 @@ def addmod_problem(operands):
     ops = [int(d) for d in operands]
     if len(ops) < 2 or any(not 0 <= d <= 9 for d in ops):
         raise ValueError(f"need >= 2 single digits, got {operands!r}")
-    lines, cur = ["+".join(map(str, ops))], list(ops)
+    lines, cur = [], list(ops)
     while len(cur) > 1:
-        cur = [(cur[0] + cur[1]) % 10] + cur[2:]
-        lines.append("+".join(map(str, cur)))
+        total = (cur[0] + cur[1]) % 10
+        lines.append(f"{cur[0]}+{cur[1]}={total}" + "".join(f"+{d}" for d in cur[2:]))
+        cur = [total] + cur[2:]
     return {"task": ADD_TASK, "k": len(ops), "operands": ops,
-            "prompt": f"Add mod 10: {lines[0]}", "answer": str(cur[0]), "trace": "\n".join(lines)}
+            "prompt": f"Add mod 10: {chain_text(ops)}", "answer": str(cur[0]), "trace": "\n".join(lines)}
+
+
+def chain_text(operands):
+    return "+".join(map(str, operands))
 
 
 def chat_problem(task, args):
@@ -588,10 +596,10 @@ def _doc_chains(rng, split, k_min, k_max):
             p = _random_problem(rng, ADD_TASK, k_min, k_max)
         style = rng.random()
         if style < 0.5:
-            parts.append(f"To add {p['trace'].splitlines()[0]} modulo 10, reduce step by step:\n"
+            parts.append(f"To add {chain_text(p['operands'])} modulo 10, reduce step by step:\n"
                          f"{p['trace']}\nSo the sum is {p['answer']}.")
         elif style < 0.8:
-            parts.append(f"{p['trace'].splitlines()[0]} = {p['answer']} (mod 10)")
+            parts.append(f"{chain_text(p['operands'])} = {p['answer']} (mod 10)")
         else:
             parts.append(" then ".join(p["trace"].splitlines()) + ".")
     return "\n\n".join(parts)

@@ -229,14 +229,18 @@ def test_split_reasoning_and_format():
 def test_addmod_trace_is_local_and_correct():
     p = data.addmod_problem([3, 5, 2, 7])
     assert p["prompt"] == "Add mod 10: 3+5+2+7" and p["answer"] == "7"
-    assert p["trace"] == "3+5+2+7\n8+2+7\n0+7\n7"
+    assert p["trace"] == "3+5=8+2+7\n8+2=0+7\n0+7=7"
     for p in data.generate_problems("addmod10", "train", 200, seed=1):
         lines = p["trace"].splitlines()
-        assert len(lines) == p["k"] and lines[-1] == p["answer"]
+        assert len(lines) == p["k"] - 1 and lines[-1].endswith("=" + p["answer"])
         assert int(p["answer"]) == sum(p["operands"]) % 10
-        for prev, cur in zip(lines, lines[1:]):       # each line: first two digits summed, rest copied
-            a, b, *rest = prev.split("+")
-            assert cur.split("+") == [str((int(a) + int(b)) % 10)] + rest
+        left = list(map(str, p["operands"]))
+        for line in lines:     # each line: the first two digits, their sum, then the rest copied
+            step, rest = line.split("=")
+            a, b = step.split("+")
+            total, *tail = rest.split("+")
+            assert [a, b] == left[:2] and total == str((int(a) + int(b)) % 10) and tail == left[2:]
+            left = [total] + tail
 
 
 def test_verifier_accepts_references_rejects_perturbed():
