@@ -127,7 +127,7 @@ def test_kd_moves_student_toward_teacher(data_dir, tmp_path):
 
 def test_kd_terms_of_a_step_match_direct_computation(data_dir):
     """loss_sums + normalisers against the formulas written out on full logits."""
-    cfg = parse_config(distill.DistillConfig, TINY + ["--lm_weight=0.5", "--kd_temperature=2.0"])
+    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--lm_weight=0.5", "--kd_temperature=2.0"])
     torch.manual_seed(0)
     student, teacher = distill.build_student(cfg, 768), distill.build_student(cfg, 768)
     x = torch.randint(0, 768, (2, 9))
@@ -165,7 +165,7 @@ def test_bad_input_errors(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'n_layers'; valid keys: .*n_layer"):
         parse_config(distill.DistillConfig, ["--n_layers=3"])
     with pytest.raises(ConfigError, match="pretrain_val holds .* fewer than one window of --seq_len=8192"):
-        run(data_dir, tmp_path / "x", "--seq_len=8192", "--max_steps=1")
+        run(data_dir, tmp_path / "x", "--seq_len=8192", "--total_batch_size=32768", "--max_steps=1")
     with pytest.raises(ConfigError, match="multiple of"):
         run(data_dir, tmp_path / "x", "--total_batch_size=100")
 

@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ranker_eval as rk  # noqa: E402
+from configurator import ConfigError, parse_config  # noqa: E402
 
 
 def brute_marginals(logits, K):
@@ -304,9 +305,10 @@ def test_runs_end_to_end_on_an_unseen_letor_file(tmp_path):
     cfg = rk.Config(n_queries=25, docs_min=2, docs_max=12, n_features=7, seed=11)
     write_letor(rk.make_synthetic_world(cfg), tmp_path / "unseen.txt")
     out = tmp_path / "out"
-    res = rk.main([f"--data={tmp_path / 'unseen.txt'}", f"--out_dir={out}", "--K=5", "--reps=1",
-                   "--log_sizes=300", "--temperatures=0.5", "--ltr_steps=20", "--n_new_rankers=4",
-                   "--exact_max_work=3000", "--mc_samples=500", "--plot=false"])
+    res = rk.main(parse_config(rk.Config, [
+        f"--data={tmp_path / 'unseen.txt'}", f"--out_dir={out}", "--K=5", "--reps=1", "--log_sizes=300",
+        "--temperatures=0.5", "--ltr_steps=20", "--n_new_rankers=4", "--exact_max_work=3000", "--mc_samples=500",
+        "--plot=false"]))
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["estimators"]) == set(rk.ESTIMATORS) and set(saved["kendall_tau"]) == set(rk.ESTIMATORS)
     for m in saved["estimators"].values():
@@ -319,8 +321,8 @@ def test_runs_end_to_end_on_an_unseen_letor_file(tmp_path):
 # ---------------------------------------------------------------- the experiment and the CLI
 
 def test_parametric_beats_empirical_when_new_rankers_go_where_the_logger_rarely_did(tmp_path):
-    cfg = rk.parse_args(["--temperatures=0.25", "--log_sizes=1000,4000", "--reps=2", "--ltr_steps=60",
-                         "--estimators=naive,ip_oracle,ip_empirical,ip_parametric"])
+    cfg = parse_config(rk.Config, ["--temperatures=0.25", "--log_sizes=1000,4000", "--reps=2", "--ltr_steps=60",
+                                   "--estimators=naive,ip_oracle,ip_empirical,ip_parametric"])
     res = rk.run_experiment(cfg, show_progress=False)
     e = res["estimators"]
     assert all(r["unseen_mass"] > 0.1 for r in res["by_condition"])
@@ -333,17 +335,20 @@ def test_parametric_beats_empirical_when_new_rankers_go_where_the_logger_rarely_
     assert path.stat().st_size > 1000 and "| ip_parametric |" in rk.markdown(res)
 
 
-def test_cli_errors_name_the_flag():
-    with pytest.raises(SystemExit, match="valid keys: data, out_dir"):
-        rk.parse_args(["--temprature=1"])
-    with pytest.raises(SystemExit, match="--K=abc"):
-        rk.parse_args(["--K=abc"])
-    with pytest.raises(SystemExit, match="unknown \\['ips'\\]"):
-        rk.parse_args(["--estimators=ips,naive"])
-    with pytest.raises(SystemExit, match="--examination"):
-        rk.parse_args(["--examination=0.5,0.2"])
-    with pytest.raises(SystemExit, match="--temperatures"):
-        rk.parse_args(["--temperatures=0"])
-    cfg = rk.parse_args(["--K=3", "--plot=false", "--clip=5", "--examination=0.9,0.5,0.2,0.1"])
+def test_cli_errors_name_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'temprature'; valid keys: .*temperatures"):
+        parse_config(rk.Config, ["--temprature=1"])
+    with pytest.raises(ConfigError, match="--K: K='abc' is not a valid int"):
+        parse_config(rk.Config, ["--K=abc"])
+    with pytest.raises(ConfigError, match="unknown \\['ips'\\]"):
+        parse_config(rk.Config, ["--estimators=ips,naive"])
+    with pytest.raises(ConfigError, match="--examination"):
+        parse_config(rk.Config, ["--examination=0.5,0.2"])
+    with pytest.raises(ConfigError, match="--temperatures"):
+        parse_config(rk.Config, ["--temperatures=0"])
+    cfg = parse_config(rk.Config, ["--K=3", "--plot=false", "--clip=5", "--examination=0.9,0.5,0.2,0.1"])
     assert cfg.K == 3 and cfg.plot is False and cfg.clip == 5.0
     np.testing.assert_allclose(rk.examination(cfg), [0.9, 0.5, 0.2])
+    preset = tmp_path / "p.py"   # preset files, as every script takes them
+    preset.write_text("K = 2\nreps = 3\n")
+    assert parse_config(rk.Config, [str(preset), "--reps=4"]) == rk.Config(K=2, reps=4)
