@@ -218,6 +218,60 @@ def test_self_normalised_estimates_stay_in_0_K(seed):
     assert np.all(clipped["ip_oracle"] <= 2.0 * logs.clicks.sum(1).mean() + 1e-12)
 
 
+def _hand_logs():
+    """3 logged lists, K = 2: query 0 has 3 documents, query 1 one (its rank 2 stays empty)."""
+    return rk.Logs(q=np.array([0, 0, 1]), A=np.array([[0, 1], [2, 0], [0, -1]]),
+                   clicks=np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
+
+
+def test_self_normalised_estimators_by_hand_off_policy():
+    """A new policy other than the logger (weights != 1), values worked out by hand. Item-position
+    weights w = h/p: [[0.5, 2], [3, 0.5], [1, -]]; clicks [[1, 1], [0, 1], [1, 0]].
+      ip      = sum c w / T = (0.5 + 2 + 0.5 + 1) / 3 = 4/3
+      ip_sn   = per rank sum_t c w / sum_t w (+1 per empty rank): (0.5 + 1) / 4.5 + (2 + 0.5) / (2.5 + 1)
+              = 1/3 + 5/7 = 22/21   (normalising per list, or over everything, gives other numbers)
+    List weights h(A)/p(A) = [0.5, 3, 1], clicks per list [2, 1, 1]:
+      list_ips = (1 + 3 + 1) / 3 = 5/3,  list_ips_sn = 5 / 4.5 = 10/9."""
+    logs = _hand_logs()
+    p_at = np.array([[0.5, 0.25], [0.2, 0.4], [1.0, 0.7]])
+    h_at = np.array([[0.25, 0.5], [0.6, 0.2], [1.0, 0.3]])
+    assert rk.ip_estimate(logs, h_at, p_at) == pytest.approx(4 / 3)
+    assert rk.ip_estimate(logs, h_at, p_at, self_normalise=True) == pytest.approx(22 / 21)
+    both = rk.ip_estimate(logs, np.stack([h_at, p_at]), p_at, self_normalise=True)   # (R, T, K) -> (R,)
+    assert both == pytest.approx([22 / 21, 4 / 3])           # on-policy: every weight 1, the click mean
+    h_list, p_list = np.array([0.1, 0.3, 0.5]), np.array([0.2, 0.1, 0.5])
+    assert rk.list_ips_estimate(logs, h_list, p_list) == pytest.approx(5 / 3)
+    assert rk.list_ips_estimate(logs, h_list, p_list, self_normalise=True) == pytest.approx(10 / 9)
+    assert rk.list_ips_estimate(logs, np.stack([h_list, p_list]), p_list, self_normalise=True) == pytest.approx([10 / 9, 4 / 3])
+    # clipping caps each weight before normalising: w = [[0.5, 1], [1, 0.5], [1, -]]
+    assert rk.ip_estimate(logs, h_at, p_at, clip=1.0, self_normalise=True) == pytest.approx(1.5 / 2.5 + 1.5 / 2.5)
+
+
+def test_estimate_all_wires_the_self_normalised_estimators():
+    """The same hand-made log through estimate_all: propensities looked up per (query, document,
+    rank), list probabilities from Plackett-Luce. Logger weights (1, 2, 1) on query 0, new policy
+    (2, 1, 1): P0(A) = [1/4 * 2/3, 1/4 * 1/3, 1] = [1/6, 1/12, 1], h(A) = [1/2 * 1/2, 1/4 * 2/3, 1]
+    = [1/4, 1/6, 1]; list weights [3/2, 2, 1] on clicks [2, 1, 1]: list_ips = 6/3 = 2,
+    list_ips_sn = 6/4.5 = 4/3."""
+    logs = _hand_logs()
+    with np.errstate(divide="ignore"):   # log 0 = -inf on the padding of query 1
+        logger = rk.Policy("logger", np.log(np.array([[1.0, 2.0, 1.0], [1.0, 0.0, 0.0]])))
+        new = rk.Policy("new", np.log(np.array([[2.0, 1.0, 1.0], [1.0, 0.0, 0.0]])))
+    P0 = np.zeros((2, 3, 2))
+    H = np.zeros((2, 3, 2))
+    for (q, d, k), p, h in [((0, 0, 0), 0.5, 0.25), ((0, 1, 1), 0.25, 0.5), ((0, 2, 0), 0.2, 0.6),
+                            ((0, 0, 1), 0.4, 0.2), ((1, 0, 0), 1.0, 1.0)]:
+        P0[q, d, k], H[q, d, k] = p, h
+    names = ["naive", "ip_oracle", "ip_oracle_sn", "list_ips", "list_ips_sn", "ip_parametric_sn", "ip_empirical_sn"]
+    est = rk.estimate_all(names, logs, H[None], [new], logger, P0, P0, P0, np.array([1.0, 0.5]), 0.0)
+    assert est["naive"] == pytest.approx([4 / 3])
+    assert est["ip_oracle"] == pytest.approx([4 / 3])          # sum c w / T (hand weights as above)
+    for name in ("ip_oracle_sn", "ip_parametric_sn", "ip_empirical_sn"):
+        assert est[name] == pytest.approx([22 / 21]), name
+    assert est["list_ips"] == pytest.approx([2.0])
+    assert est["list_ips_sn"] == pytest.approx([4 / 3])
+
+
 def test_empirical_propensities_are_per_query_frequencies():
     logs = rk.Logs(q=np.array([0, 0, 0, 1]), A=np.array([[2, 0], [2, 1], [0, 2], [1, -1]]),
                    clicks=np.zeros((4, 2)))

@@ -1,4 +1,5 @@
 """runtime.py: configuration, LR schedule, batch bookkeeping."""
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -56,6 +57,20 @@ def test_lr_schedule_endpoints():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)  # cosine to min at the last step
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_lr_schedule_is_cosine_between_the_endpoints():
+    """The decay between warmup and the last step follows the half cosine, not a straight line
+    (which shares the endpoints and the midpoint): values written out at a quarter and three
+    quarters of the decay, and the warmup ramp step by step."""
+    lr, warm, steps, floor = 2.0, 4, 25, 0.1       # decay over steps 4..24: progress (s - 4) / 20
+    for s, progress in ((4, 0.0), (9, 0.25), (14, 0.5), (19, 0.75), (24, 1.0), (30, 1.0)):
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        assert lr_at(s, steps, lr, warm, floor) == pytest.approx(lr * (floor + (1 - floor) * cosine), rel=1e-12), s
+    assert lr_at(9, steps, lr, warm, floor) == pytest.approx(2.0 * (0.1 + 0.9 * 0.8535533905932737))  # not 0.775 * 2
+    assert [lr_at(s, steps, lr, warm, floor) for s in range(warm)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert lr_at(0, 10, 1.0, 0, 0.0) == pytest.approx(1.0)    # no warmup: the peak at step 0
+    assert lr_at(9, 10, 1.0, 0, 0.0) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_grad_accum_from_global_batch():
