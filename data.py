@@ -315,7 +315,8 @@ def train_tokenizer(text, vocab_size, out_path, pattern=LLAMA3_PATTERN, progress
         for p in zip(w, w[1:]):
             pair_counts[p] += counts[wi]
             where[p].add(wi)
-    bar = tqdm(total=n_ranks - 256, desc="bpe merges", disable=not progress, leave=False)
+    # delay: a run that fails at once (corpus too small) shows its error line alone
+    bar = tqdm(total=n_ranks - 256, desc="bpe merges", disable=not progress, leave=False, delay=0.5)
     while len(ranks) < n_ranks:
         if not pair_counts:
             raise DataError(f"corpus too small: only {len(ranks)} tokens reachable, "
@@ -1103,7 +1104,9 @@ def tokenize_corpus(cfg):
     tok = load_tokenizer(cfg.tokenizer)
     tok.save(cfg.out_dir)
     docs = {"pretrain_train": [], "pretrain_val": []}
-    for i, text in enumerate(tqdm(_corpus_documents(cfg.tokenize_text.split(",")), desc="tokenize", unit="doc")):
+    docs_of_files = tqdm(_corpus_documents(cfg.tokenize_text.split(",")), desc="tokenize", unit="doc",
+                         delay=0.5)   # a file that fails at once (not UTF-8) shows its error line alone
+    for i, text in enumerate(docs_of_files):
         split = "pretrain_val" if i % cfg.val_every == cfg.val_every - 1 else "pretrain_train"
         docs[split].append([tok.bos_id] + tok.encode(text))
     for name, d in docs.items():
