@@ -47,6 +47,12 @@ def run_cases(cases, timeout=300):
         if not ok:
             bad.append(f"python {script} {' '.join(args)}\n  -> rc {res['rc']}, stderr: {err[-600:]!r}\n"
                        f"  wanted one 'error:' line containing {needles}")
+    if os.environ.get("BAD_INPUT_TABLE"):   # the input -> message table of the README
+        with open(os.environ["BAD_INPUT_TABLE"], "a") as f:
+            for (script, args, _), res in zip(cases, results):
+                shown = " ".join(a.split("=", 1)[0] + "=" + os.path.basename(a.split("=", 1)[1]) if "=" in a and "/" in a
+                                 else os.path.basename(a) for a in args if not a.startswith(tuple(TINY)))
+                f.write(f"| `{script} {shown}` | {res['rc']} | `{res['stderr'].strip().splitlines()[-1].split(chr(13))[-1]}` |\n")
     assert not bad, "\n".join(bad)
     return results
 

@@ -169,7 +169,7 @@ def _direct_step_loss(model, train, offsets, seq_len, bos):
     return F.cross_entropy(logits[keep], y[keep], reduction="sum") / keep.sum()
 
 
-def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir):
+def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir, tmp_path):
     """The gradient accumulated over 4 micro-steps is the gradient of the token-mean loss over all
     16 windows of the step (AdamW and clipping would hide a factor such as the number of
     micro-steps, so the gradient itself is compared); and 2 processes x 2 micro-steps, averaged as
@@ -200,6 +200,17 @@ def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir):
     assert lm0 + lm1 == pytest.approx(float(ref_loss), rel=1e-5)   # each rank holds its share of the mean
     for a, b, r in zip(g0, g1, ref):
         assert torch.allclose((a + b) / 2, r, rtol=1e-4, atol=1e-7)
+    # end to end: the gradient norm distill.py logs for its first step (before clipping) is the
+    # norm of the direct gradient, so no factor can hide between the micro-steps and the optimizer
+    run(data_dir, tmp_path / "one", "--total_batch_size=512", "--max_steps=1", "--warmup_steps=0")
+    row = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")][0]
+    torch.manual_seed(cfg.seed)   # the weights distill.py started from
+    init = distill.build_student(cfg, tok.n_vocab)
+    offsets = distill.step_offsets(len(train), cfg.seed, 0, 512 // cfg.seq_len, cfg.seq_len)
+    loss0 = _direct_step_loss(init, train, offsets, cfg.seq_len, tok.bos_id)
+    g = torch.autograd.grad(loss0, list(init.parameters()))
+    assert row["train_lm"] == pytest.approx(float(loss0), rel=1e-5)
+    assert row["grad_norm"] == pytest.approx(float(torch.sqrt(sum((x ** 2).sum() for x in g))), rel=1e-4)
 
 
 def test_bad_input_errors(data_dir, tmp_path):

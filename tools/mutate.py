@@ -6,6 +6,7 @@ and runs the test file(s) that cover the mutated module; a mutant the tests do n
     python tools/mutate.py --files=distill.py,runtime.py --per_file=30 --seed=2
     python tools/mutate.py --files=sample.py:5,data.py:20   # per-file sample sizes
     python tools/mutate.py --files=runtime.py --grep="math.cos" --per_file=99   # points on matching lines
+    python tools/mutate.py --files=distill.py --grep="bos_id] = -100" --tests=tests/test_distill.py::test_windows_never_target_the_next_documents_bos
     python tools/mutate.py --list --files=runtime.py        # the mutation points, nothing run
 
 Mutations (textual, so a surviving mutant prints as a one-line diff):
@@ -15,7 +16,8 @@ Mutations (textual, so a surviving mutant prints as a one-line diff):
     statements  a one-line assignment or call statement inside a function -> pass
 Only code inside functions is mutated, never strings (messages), and never `raise` lines or the
 lines of docstrings. Sampling: --per_file mutants drawn with --seed from each module's points.
-Each mutant runs `python -m pytest -x -q -p no:cacheprovider TESTS` with OMP_NUM_THREADS=1; a run
+Each mutant runs `python -m pytest -x -q -p no:cacheprovider TESTS` with OMP_NUM_THREADS=1 (the
+tests in the order of their clean-run durations, fastest first, so -x stops early); a run
 past --timeout_factor x the clean run's time counts as killed (timeout), as mutation tools do.
 Writes --out (JSON: every mutant, its outcome and diff) and prints the per-file table.
 """
@@ -32,7 +34,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = {   # module -> the test files that exercise it
-    "model.py": ["tests/test_model.py"],
+    "model.py": ["tests/test_model.py", "tests/test_sample.py::test_top_p_threshold_and_exponential_race",
+                 "tests/test_sample.py::test_stream_and_nonfinite_logits"],
     "data.py": ["tests/test_data.py"],
     "runtime.py": ["tests/test_runtime.py", "tests/test_distill.py"],
     "distill.py": ["tests/test_distill.py"],
@@ -121,16 +124,32 @@ def mutation_points(src):
     return sorted(set(points))
 
 
-def run_tests(workdir, tests, timeout):
+def run_tests(workdir, tests, timeout, extra=()):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     t0 = time.time()
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *extra, *tests],
                            cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-        return ("survived" if r.returncode == 0 else "killed"), time.time() - t0, r.stdout[-400:]
+        return ("survived" if r.returncode == 0 else "killed"), time.time() - t0, r.stdout
     except subprocess.TimeoutExpired:
         return "timeout", time.time() - t0, ""
+
+
+def fastest_first(stdout, tests):
+    """Test ids of the clean run ordered by duration (from --durations=0), so that a mutant is
+    usually killed by a fast test and -x stops there. Tests without a reported time go first."""
+    took = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0].endswith("s") and parts[1] in ("setup", "call", "teardown"):
+            try:
+                took[parts[2]] = took.get(parts[2], 0.0) + float(parts[0][:-1])
+            except ValueError:
+                pass
+    if not took:
+        return tests
+    return sorted(took, key=took.get)
 
 
 def main():
@@ -141,6 +160,7 @@ def main():
     ap.add_argument("--timeout_factor", type=float, default=3.0)
     ap.add_argument("--out", default="out/mutation.json")
     ap.add_argument("--grep", default="", help="only points on source lines containing this text")
+    ap.add_argument("--tests", default="", help="comma list of test ids to run instead of the file's TESTS")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     files = {}
@@ -151,6 +171,9 @@ def main():
         files[name] = int(n) if n else args.per_file
     rng = random.Random(args.seed)
     plan = {}
+    if args.tests:
+        for f in files:
+            TESTS[f] = args.tests.split(",")
     for f, n in files.items():
         src = open(os.path.join(ROOT, f)).read()
         lines = src.splitlines()
@@ -169,16 +192,17 @@ def main():
     results, table = [], []
     try:
         for f, (src, pts, chosen) in plan.items():
-            outcome, clean_s, tail = run_tests(work, TESTS[f], None)
+            outcome, clean_s, out = run_tests(work, TESTS[f], None, ["--durations=0", "--durations-min=0"])
             if outcome != "survived":
-                sys.exit(f"error: the clean tests fail for {f}; fix them first:\n{tail}")
+                sys.exit(f"error: the clean tests fail for {f}; fix them first:\n{out[-2000:]}")
+            order = fastest_first(out, TESTS[f])
             timeout = max(60.0, args.timeout_factor * clean_s)
             counts = {"killed": 0, "timeout": 0, "survived": 0}
             for j in chosen:
                 a, b, old, new, kind, line = pts[j]
                 with open(os.path.join(work, f), "w") as fh:
                     fh.write(src[:a] + new + src[b:])
-                outcome, secs, _ = run_tests(work, TESTS[f], timeout)
+                outcome, secs, _ = run_tests(work, order, timeout)
                 counts[outcome] += 1
                 text = src.splitlines()[line - 1].strip()
                 results.append(dict(file=f, line=line, kind=kind, old=old, new=new, code=text, outcome=outcome,
