@@ -1102,7 +1102,6 @@ def tokenize_corpus(cfg):
     if not cfg.tokenizer:
         raise DataError("--tokenize_text needs --tokenizer=PATH (a tokenizer.model or a model folder)")
     tok = load_tokenizer(cfg.tokenizer)
-    tok.save(cfg.out_dir)
     docs = {"pretrain_train": [], "pretrain_val": []}
     docs_of_files = tqdm(_corpus_documents(cfg.tokenize_text.split(",")), desc="tokenize", unit="doc",
                          delay=0.5)   # a file that fails at once (not UTF-8) shows its error line alone
@@ -1113,8 +1112,10 @@ def tokenize_corpus(cfg):
         if not d:
             raise DataError(f"--tokenize_text: no documents for {name} (have {sum(map(len, docs.values()))} "
                             f"documents in all; lower --val_every)")
+    for name, d in docs.items():
         idx = write_token_shards(d, os.path.join(cfg.out_dir, name), dtype_for_vocab(tok.n_vocab), tok.bos_id)
         print(f"{name:16s} {idx['n_tokens']:,} tokens, {idx['n_docs']:,} docs")
+    tok.save(cfg.out_dir)   # last: a folder with a tokenizer holds its shards
 
 
 def main(cfg):

@@ -2,7 +2,7 @@
 itself would run each: the script as __main__ (runpy), sys.argv set, and the exit status and stderr
 that `python SCRIPT ARGS` gives: SystemExit(n) -> n (a message -> printed, status 1), an uncaught
 exception -> its traceback on stderr and status 1. Reads [[script, [args]], ...] as JSON on stdin,
-prints [{"rc", "stderr"}, ...] as JSON on the last line of stdout. Used by tests/test_bad_input.py so
+prints [{"rc", "stderr", "stdout"}, ...] as JSON on the last line of stdout. Used by tests/test_bad_input.py so
 that torch is imported once per batch of cases, not once per case."""
 import contextlib
 import io
@@ -34,7 +34,7 @@ def run(script, args):
         except BaseException:   # what the interpreter does with an uncaught exception
             traceback.print_exc()
             rc = 1
-    return {"rc": rc, "stderr": err.getvalue()}
+    return {"rc": rc, "stderr": err.getvalue(), "stdout": out.getvalue()[-4000:]}
 
 
 if __name__ == "__main__":

@@ -247,7 +247,8 @@ def test_real_processes(world):
                            timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
-    for script in ("data.py", "distill.py", "sample.py", "ranker_eval.py", "kernels.py"):   # --help everywhere
-        r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 0 and "preset files as bare paths, then --key=value" in r.stdout, (script, r.stderr[-500:])
+    scripts = ("data.py", "distill.py", "sample.py", "ranker_eval.py", "kernels.py")   # --help everywhere
+    r = subprocess.run([sys.executable, HARNESS], input=json.dumps([[s, ["--help"]] for s in scripts]), cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    for script, res in zip(scripts, json.loads(r.stdout.strip().splitlines()[-1])):
+        assert res["rc"] == 0 and "preset files as bare paths, then --key=value" in res["stdout"], (script, res)

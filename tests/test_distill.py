@@ -200,6 +200,21 @@ def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir, tmp_pat
     assert lm0 + lm1 == pytest.approx(float(ref_loss), rel=1e-5)   # each rank holds its share of the mean
     for a, b, r in zip(g0, g1, ref):
         assert torch.allclose((a + b) / 2, r, rtol=1e-4, atol=1e-7)
+    # KD: KL and cosine terms are means over all positions of the global batch
+    kd = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--total_batch_size=512",
+                                                     "--kd_weight=0.7", "--cosine_weight=0.3"])
+    torch.manual_seed(1)
+    teacher = distill.build_student(kd, tok.n_vocab).requires_grad_(False)
+    x, y, doc, pos = distill.windows(train, offsets, kd.seq_len, tok.bos_id, "cpu")
+    layer_map = {0: 1, 1: 0}
+    parts = distill.loss_sums(model, teacher, x, y, doc, pos, kd, layer_map)
+    ref_kd = torch.autograd.grad(0.7 * parts["kl"] / x.numel() + 0.3 * parts["cos"] / x.numel(), params)
+    model.zero_grad(set_to_none=True)
+    logged = distill.step_gradients(model, teacher, train, step, kd, Dist(), 4, tok.bos_id, layer_map,
+                                    distill.loss_weights(kd, teacher))
+    assert float(logged["kl"]) == pytest.approx(float(parts["kl"]) / x.numel(), rel=1e-5)
+    for p, r in zip(params, ref_kd):
+        assert torch.allclose(p.grad, r, rtol=1e-4, atol=1e-7)
     # end to end: the gradient norm distill.py logs for its first step (before clipping) is the
     # norm of the direct gradient, so no factor can hide between the micro-steps and the optimizer
     run(data_dir, tmp_path / "one", "--total_batch_size=512", "--max_steps=1", "--warmup_steps=0")
