@@ -245,6 +245,13 @@ def test_self_normalised_estimators_by_hand_off_policy():
     assert rk.list_ips_estimate(logs, np.stack([h_list, p_list]), p_list, self_normalise=True) == pytest.approx([10 / 9, 4 / 3])
     # clipping caps each weight before normalising: w = [[0.5, 1], [1, 0.5], [1, -]]
     assert rk.ip_estimate(logs, h_at, p_at, clip=1.0, self_normalise=True) == pytest.approx(1.5 / 2.5 + 1.5 / 2.5)
+    # small weights (their sum below 1) and a rank whose weights are all 0 (the new policy never puts
+    # a logged document there): w = [[0.05, 0], [0.3, 0]] -> 0.05 / 0.35 + 0 (no weight, no estimate)
+    full = rk.Logs(q=np.array([0, 0]), A=np.array([[0, 1], [2, 0]]), clicks=np.array([[1.0, 1.0], [0.0, 1.0]]))
+    h_small = np.array([[0.025, 0.0], [0.06, 0.0]])
+    assert rk.ip_estimate(full, h_small, p_at[:2], self_normalise=True) == pytest.approx(1 / 7)
+    assert rk.list_ips_estimate(full, np.array([0.02, 0.01]), np.array([0.2, 0.1]), self_normalise=True) == pytest.approx(1.5)
+    assert rk.list_ips_estimate(full, np.zeros(2), np.array([0.2, 0.1]), self_normalise=True) == 0.0
 
 
 def test_estimate_all_wires_the_self_normalised_estimators():
