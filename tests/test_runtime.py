@@ -71,6 +71,7 @@ def test_lr_schedule_is_cosine_between_the_endpoints():
     assert [lr_at(s, steps, lr, warm, floor) for s in range(warm)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
     assert lr_at(0, 10, 1.0, 0, 0.0) == pytest.approx(1.0)    # no warmup: the peak at step 0
     assert lr_at(9, 10, 1.0, 0, 0.0) == pytest.approx(0.0, abs=1e-12)
+    assert [lr_at(s, 2, 1.0, 0, 0.1) for s in (0, 1)] == pytest.approx([1.0, 0.1])   # 2 steps: peak, floor
 
 
 def test_grad_accum_from_global_batch():

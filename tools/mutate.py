@@ -161,6 +161,7 @@ def main():
     ap.add_argument("--out", default="out/mutation.json")
     ap.add_argument("--grep", default="", help="only points on source lines containing this text")
     ap.add_argument("--tests", default="", help="comma list of test ids to run instead of the file's TESTS")
+    ap.add_argument("--deselect", default="", help="comma list of test ids to leave out (pytest --deselect)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     files = {}
@@ -192,10 +193,15 @@ def main():
     results, table = [], []
     try:
         for f, (src, pts, chosen) in plan.items():
-            outcome, clean_s, out = run_tests(work, TESTS[f], None, ["--durations=0", "--durations-min=0"])
+            deselect = [a for t in filter(None, args.deselect.split(",")) for a in ("--deselect", t)]
+            outcome, clean_s, out = run_tests(work, TESTS[f], None, ["--durations=0", "--durations-min=0", *deselect])
             if outcome != "survived":
-                sys.exit(f"error: the clean tests fail for {f}; fix them first:\n{out[-2000:]}")
-            order = fastest_first(out, TESTS[f])
+                print(f"skipped {f}: its clean tests fail here (a loaded machine times out subprocess tests?):\n"
+                      f"{out[-1500:]}", flush=True)
+                table.append(dict(file=f, points=len(pts), tried=0, clean_s=round(clean_s, 1), killed=0,
+                                  timeout=0, survived=0, note="clean tests failed"))
+                continue
+            order = [t for t in fastest_first(out, TESTS[f]) if t not in args.deselect.split(",")]
             timeout = max(240.0, args.timeout_factor * clean_s)   # a loaded shared machine is slow to start torch
             counts = {"killed": 0, "timeout": 0, "survived": 0}
             for j in chosen:
