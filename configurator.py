@@ -16,16 +16,24 @@ subclass: ConfigError here, DataError in data.py, CheckpointError in model.py). 
 it as one line, `error: ...`, and exits with status 2. Any other exception is a bug and keeps its
 traceback (exit status 1), so it can be reported.
 
+Durable files: `atomic_write` is the one way a checkpoint file (weights, config.json, tokenizer,
+trainer state, shard index) or a result reaches the disk: temporary file in the same folder, write,
+flush, fsync, rename, fsync of the folder. A crash leaves the old file or the new one, never half
+of one; `remove_tmp_files` clears the `.tmp-*` leftovers of a write that was killed.
+
 This module imports nothing of the project, so every file (kernels.py, ranker_eval.py too) can use it.
 """
 import ast
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import tempfile
 import typing
 
 EXIT_USER_ERROR = 2
+TMP_PREFIX = ".tmp-"    # temporary files of atomic_write (and the writability probe)
 
 
 class UserError(ValueError):
@@ -193,23 +201,116 @@ def check_choice(cfg, name, choices):
 
 
 def check_writable_dir(path, flag):
-    """The output folder can be created and written, checked before a long run rather than after."""
+    """The output folder can be created and written, checked before a long run rather than after:
+    a probe file is created (and removed) in the nearest folder that exists, so a read-only file
+    system or a folder root may not write to is caught too, not only the permission bits."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--{flag}={path}: exists and is not a folder")
     parent = path
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
     parent = parent or "."
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--{flag}={path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--{flag}={path}: {os.path.abspath(parent)} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=TMP_PREFIX)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--{flag}={path}: {os.path.abspath(parent)} is not writable ({e.strerror})") from None
+
+
+def sniff_file(path):
+    """What a file holds, from its first bytes: "a safetensors weights file", "a PyTorch pickle or
+    zip archive (.pt / .bin)", "a JSON file" or "a text file", so that a file given where another
+    kind was expected (weights for a tokenizer or a checkpoint folder) is named as what it is."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors weights file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "a PyTorch pickle or zip archive (.pt / .bin)"
+    return "a JSON file" if head.lstrip()[:1] in (b"{", b"[") else "a text file"
 
 
 def check_readable(path, flag, kind="file"):
     """An input file or folder exists (kind: "file", "dir" or "any")."""
     exists = {"file": os.path.isfile, "dir": os.path.isdir, "any": os.path.exists}[kind](path)
     if not exists:
+        if kind == "dir" and os.path.isfile(path):
+            raise ConfigError(f"--{flag}={path}: is a file ({sniff_file(path)}), expected a folder")
+        if kind == "file" and os.path.isdir(path):
+            raise ConfigError(f"--{flag}={path}: is a folder, expected a file")
         what = {"file": "no such file", "dir": "no such folder", "any": "no such file or folder"}[kind]
         raise ConfigError(f"--{flag}={path}: {what}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Durable writes: every checkpoint file goes through atomic_write.
+
+
+def atomic_write(path, content):
+    """Write `content` (bytes, str, or a function that writes a file at the path it is given) to
+    `path` atomically: a temporary file in the same folder, written, flushed, fsynced and closed,
+    then renamed over `path`, then the folder fsynced so the rename itself survives a power cut.
+    On any error the temporary file is removed and `path` keeps its old content."""
+    folder = os.path.dirname(path) or "."
+    # .tmp-XXXX-name.ext: the extension stays (torch.save and matplotlib look at it)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
+    try:
+        if callable(content):
+            os.close(fd)
+            fd = None
+            content(tmp)
+            fd = os.open(tmp, os.O_RDONLY)   # fsync what the writer wrote through its own handle
+            os.fsync(fd)
+        else:
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            with os.fdopen(fd, "wb") as f:
+                fd = None
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if fd is not None:
+            os.close(fd)
+            fd = None
+        os.chmod(tmp, 0o644)   # mkstemp's 0600 would make checkpoints unreadable to other users
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def fsync_dir(folder):
+    """fsync a folder (its entries: renames, new files) where the OS supports it (not Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_tmp_files(folder):
+    """Remove the `.tmp-*` leftovers of writes that were killed midway (called when a checkpoint
+    is saved or resumed). Returns the names removed."""
+    if not os.path.isdir(folder):
+        return []
+    gone = sorted(n for n in os.listdir(folder) if n.startswith(TMP_PREFIX))
+    for name in gone:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+    return gone
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,9 +320,16 @@ def run_main(main, cls, argv=None):
     """Parse the config and run main(cfg). Expected failures (UserError, a missing or unreadable
     file or folder) become one line on stderr and exit status 2; anything else is a bug and keeps
     its traceback."""
-    try:
+    with user_errors():
         cfg = parse_config(cls, argv)
         return main(cfg)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """The one error path, for code that is not run through run_main (python model.py PATH)."""
+    try:
+        yield
     except UserError as e:
         fail(e)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
@@ -229,6 +337,7 @@ def run_main(main, cls, argv=None):
 
 
 def fail(message):
-    """Print `error: message` (one line per line of message) and exit with EXIT_USER_ERROR."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print `error: message` on one line and exit with EXIT_USER_ERROR."""
+    text = " ".join(str(message).split("\n")).strip() or "unknown error"
+    print(f"error: {text}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)

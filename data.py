@@ -21,11 +21,12 @@ Writes out/data/: tokenizer.model + tokenizer_meta.json, pretrain_train/ and pre
 """
 import base64
 import binascii
+import functools
 import hashlib
+import itertools
 import json
 import os
 import random
-import sys
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -36,7 +37,8 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
-from configurator import UserError
+from configurator import (ConfigError, UserError, atomic_write, check, check_positive, check_range,
+                          check_readable, check_writable_dir, sniff_file)
 
 
 class DataError(UserError):
@@ -217,14 +219,13 @@ class Tokenizer:
         write_ranks(self.mergeable_ranks, os.path.join(folder, "tokenizer.model"))
         meta = {"format": "tiktoken", "pattern": self.pattern, "n_ranks": self.n_ranks,
                 "special_tokens": self.special_tokens}
-        with open(os.path.join(folder, SIDECAR), "w") as f:
-            json.dump(meta, f, indent=1)
+        atomic_write(os.path.join(folder, SIDECAR), json.dumps(meta, indent=1))
 
 
 def write_ranks(ranks, path):
-    with open(path, "wb") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+    """A tiktoken ranks file (`base64(token) rank` per line), written atomically."""
+    atomic_write(path, b"".join(base64.b64encode(token) + b" " + str(rank).encode() + b"\n"
+                                for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])))
 
 
 def _specials_from_hf_config(path, n_ranks):
@@ -263,6 +264,10 @@ def load_tokenizer(path):
         model_file, folders = path, [os.path.dirname(path) or "."]
     else:
         raise FileNotFoundError(f"{path}: no such tokenizer file or folder")
+    kind = sniff_file(model_file)
+    if kind != "a text file":
+        raise DataError(f"{model_file}: is {kind}, not a tokenizer.model (tiktoken ranks: "
+                        f"`base64_token rank` lines); give the tokenizer.model or the folder holding it")
     ranks = _read_ranks(model_file)
     pattern, specials = LLAMA3_PATTERN, None
     sidecar = os.path.join(os.path.dirname(model_file), SIDECAR)
@@ -299,7 +304,7 @@ def train_tokenizer(text, vocab_size, out_path, pattern=LLAMA3_PATTERN, progress
     frequent adjacent pair (ties: the smallest pair of ids, for determinism)."""
     n_ranks = vocab_size - len(LLAMA3_SPECIAL_TOKENS)
     if n_ranks < 256:
-        raise ValueError(f"vocab_size={vocab_size} < 512 (256 bytes + 256 special tokens)")
+        raise DataError(f"vocab_size={vocab_size} < 512 (256 bytes + 256 special tokens)")
     chunk_counts = Counter(regex.findall(pattern, text))
     words = [list(c.encode("utf-8")) for c in chunk_counts]
     counts = list(chunk_counts.values())
@@ -310,11 +315,12 @@ def train_tokenizer(text, vocab_size, out_path, pattern=LLAMA3_PATTERN, progress
         for p in zip(w, w[1:]):
             pair_counts[p] += counts[wi]
             where[p].add(wi)
-    bar = tqdm(total=n_ranks - 256, desc="bpe merges", disable=not progress, leave=False)
+    # delay: a run that fails at once (corpus too small) shows its error line alone
+    bar = tqdm(total=n_ranks - 256, desc="bpe merges", disable=not progress, leave=False, delay=0.5)
     while len(ranks) < n_ranks:
         if not pair_counts:
-            raise ValueError(f"corpus too small: only {len(ranks)} tokens reachable, "
-                             f"{n_ranks} ranks asked (vocab_size={vocab_size})")
+            raise DataError(f"corpus too small: only {len(ranks)} tokens reachable, "
+                            f"{n_ranks} ranks asked (vocab_size={vocab_size})")
         best = min(pair_counts, key=lambda p: (-pair_counts[p], p))
         merged = token_bytes[best[0]] + token_bytes[best[1]]
         if merged in ranks:            # same bytes reached by another pair: reuse, no new rank
@@ -501,6 +507,14 @@ def _random_problem(rng, task, k_min, k_max):
     if task in CHAT_TASKS:
         return chat_problem(task, [rng.choice(WORDS) for _ in range(rng.randint(1, 5))])
     raise ValueError(f"unknown task {task!r}; valid: {TASKS + ('chat',)}")
+
+
+@functools.lru_cache(maxsize=None)
+def split_capacity(split, k):
+    """How many distinct addmod10 chains of k operands fall in `split` (exact: 10^k hashes)."""
+    if k > 6:
+        return 10 ** k   # not enumerated; 8% of 10^7 problems is more than any --*_per_k wants
+    return sum(problem_split(addmod_problem(ops)) == split for ops in itertools.product(range(10), repeat=k))
 
 
 def generate_problems(task, split, n, seed, k_min=2, k_max=8, unique=False):
@@ -713,7 +727,8 @@ def write_token_shards(doc_token_lists, folder, dtype, bos_id=None, shard_tokens
         if not n_buf:
             return
         name = f"shard_{len(shards):03d}.bin"
-        np.concatenate(buf).astype(dtype).tofile(os.path.join(folder, name))
+        arr = np.concatenate(buf).astype(dtype)
+        atomic_write(os.path.join(folder, name), arr.tofile)
         shards.append({"file": name, "n_tokens": int(n_buf)})
         buf, n_buf = [], 0
     for i, doc in enumerate(doc_token_lists):
@@ -736,8 +751,7 @@ def write_token_shards(doc_token_lists, folder, dtype, bos_id=None, shard_tokens
         raise ValueError("no documents to write")
     index = {"dtype": dtype.name, "n_tokens": n_tokens, "n_docs": n_docs, "bos_id": int(bos_id),
              "shards": shards}
-    with open(os.path.join(folder, "index.json"), "w") as f:
-        json.dump(index, f, indent=1)
+    atomic_write(os.path.join(folder, "index.json"), json.dumps(index, indent=1))
     return index
 
 
@@ -783,9 +797,7 @@ def load_token_shards(folder, n_vocab=None):
 
 def write_jsonl(rows, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _read_jsonl(path):
@@ -955,6 +967,43 @@ class DataConfig:
     tokenizer: str = ""              # tokenizer.model file or model folder to encode them with
     val_every: int = 50              # every 50th document goes to pretrain_val
 
+    def validate(self):
+        """Every flag, before any work: a bad value is one error line naming it."""
+        check_writable_dir(self.out_dir, "out_dir")
+        check_range(self, "seed", 0)
+        check_range(self, "val_every", 2)   # 1 would send every document to pretrain_val
+        if self.tokenize_text:
+            check(bool(self.tokenizer), "tokenizer", self.tokenizer,
+                  "--tokenize_text needs --tokenizer=PATH (a tokenizer.model or a model folder)")
+            check_readable(self.tokenizer, "tokenizer", "any")
+            for path in self.tokenize_text.split(","):
+                check_readable(path, "tokenize_text")
+            return
+        check(not self.tokenizer, "tokenizer", self.tokenizer,
+              "is used only with --tokenize_text (the default world trains its own tokenizer)")
+        check_range(self, "vocab_size", 512)   # 256 byte tokens + 256 Llama 3 special tokens
+        check_positive(self, "tokenizer_chars", "pretrain_tokens", "pretrain_val_tokens", "rl_train",
+                       "val_per_k", "test_per_k")
+        check_range(self, "test_chat", 0)
+        check_range(self, "k_min", 2)          # a chain has at least two operands
+        check(self.k_min <= self.k_max, "k_max", self.k_max, f"must be >= --k_min={self.k_min}")
+        check(2 <= self.eval_k_min <= self.k_max, "eval_k_min", self.eval_k_min,
+              f"must satisfy 2 <= eval_k_min <= --k_max={self.k_max}")
+        for name in ("sft_train", "sft_val"):  # each prompt appears once "on" and once "off"
+            n = getattr(self, name)
+            check(n >= 2 and n % 2 == 0, name, n,
+                  "must be an even number >= 2 (each SFT prompt is written in both reasoning modes)")
+        check_range(self, "chat_frac", 0, 1)
+        check_range(self, "parent_chat_frac", 0, 1, hi_open=True)  # 1 would leave no room for text
+        for split, flag in (("val", "val_per_k"), ("test", "test_per_k")):
+            for k in range(self.eval_k_min, self.k_max + 1):
+                if getattr(self, flag) <= 0.08 * 10 ** k:   # every split holds > 8% of the 10^k chains
+                    continue
+                have = split_capacity(split, k)
+                check(getattr(self, flag) <= have, flag, getattr(self, flag),
+                      f"the {split} split holds only {have} distinct chains of k={k} operands "
+                      f"(raise --eval_k_min to skip short chains)")
+
 
 def _sft_rows(n, split, seed, cfg):
     n_prompts = n // 2
@@ -977,7 +1026,11 @@ def prepare(cfg):
                   f"assistant\n\n{r['output']}" for r in _sft_rows(2000, "train", cfg.seed + 7, cfg)]
     text = "\n\n".join(sample_docs + sample_sft)      # ~120k + ~170k chars
     text = text[:cfg.tokenizer_chars]
-    tok = train_tokenizer(text, cfg.vocab_size, out)
+    try:
+        tok = train_tokenizer(text, cfg.vocab_size, out)
+    except DataError as e:
+        raise ConfigError(f"--vocab_size={cfg.vocab_size}: {e}; lower --vocab_size or raise "
+                          f"--tokenizer_chars={cfg.tokenizer_chars}") from None
     print(f"tokenizer: {tok.n_ranks} ranks + {len(tok.special_tokens)} specials = {tok.n_vocab} "
           f"-> {out}/tokenizer.model ({len(text) / len(tok.encode(text)):.2f} chars/token)")
     # 2. pretraining shards: generate documents until the token budget is met
@@ -1024,8 +1077,8 @@ def prepare(cfg):
         probs = heldout_problems(split, per_k * n_ks + n_chat, cfg.seed + 3, cfg.eval_k_min, cfg.k_max, n_chat=n_chat)
         write_rl_jsonl(probs, os.path.join(out, f"{split}_problems.jsonl"))
         sizes[f"{split}_problems"] = {"rows": len(probs)}
-    with open(os.path.join(out, "data_meta.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "sizes": sizes, "n_vocab": tok.n_vocab}, f, indent=1)
+    atomic_write(os.path.join(out, "data_meta.json"),
+                 json.dumps({"config": asdict(cfg), "sizes": sizes, "n_vocab": tok.n_vocab}, indent=1))
     for name, s in sizes.items():
         print(f"{name:16s} " + ", ".join(f"{v:,} {k}" for k, v in s.items()))
     print(f"done in {time.time() - t0:.1f} s -> {out}/")
@@ -1042,8 +1095,14 @@ def _corpus_documents(files):
             for lineno, row in _read_jsonl(path):
                 yield _field(row, "text", (str,), path, lineno)
         else:
-            with open(path, encoding="utf-8") as f:
-                yield f.read()
+            with open(path, "rb") as f:
+                raw = f.read()
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                f"--tokenize_text reads UTF-8 files") from None
 
 
 def tokenize_corpus(cfg):
@@ -1051,25 +1110,26 @@ def tokenize_corpus(cfg):
     if not cfg.tokenizer:
         raise DataError("--tokenize_text needs --tokenizer=PATH (a tokenizer.model or a model folder)")
     tok = load_tokenizer(cfg.tokenizer)
-    tok.save(cfg.out_dir)
     docs = {"pretrain_train": [], "pretrain_val": []}
-    for i, text in enumerate(tqdm(_corpus_documents(cfg.tokenize_text.split(",")), desc="tokenize", unit="doc")):
+    docs_of_files = tqdm(_corpus_documents(cfg.tokenize_text.split(",")), desc="tokenize", unit="doc",
+                         delay=0.5)   # a file that fails at once (not UTF-8) shows its error line alone
+    for i, text in enumerate(docs_of_files):
         split = "pretrain_val" if i % cfg.val_every == cfg.val_every - 1 else "pretrain_train"
         docs[split].append([tok.bos_id] + tok.encode(text))
     for name, d in docs.items():
         if not d:
             raise DataError(f"--tokenize_text: no documents for {name} (have {sum(map(len, docs.values()))} "
                             f"documents in all; lower --val_every)")
+    for name, d in docs.items():
         idx = write_token_shards(d, os.path.join(cfg.out_dir, name), dtype_for_vocab(tok.n_vocab), tok.bos_id)
         print(f"{name:16s} {idx['n_tokens']:,} tokens, {idx['n_docs']:,} docs")
+    tok.save(cfg.out_dir)   # last: a folder with a tokenizer holds its shards
+
+
+def main(cfg):
+    tokenize_corpus(cfg) if cfg.tokenize_text else prepare(cfg)
 
 
 if __name__ == "__main__":
-    from runtime import run_main
-
-    def main(cfg):
-        try:
-            tokenize_corpus(cfg) if cfg.tokenize_text else prepare(cfg)
-        except (DataError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
+    from configurator import run_main
     run_main(main, DataConfig)

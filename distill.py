@@ -18,6 +18,7 @@ Reads: token shards + tokenizer from --data_dir (data.py), optional --init_from 
 checkpoint folders. Writes to --out_dir: config.json + model.safetensors (native format), the
 tokenizer, trainer_state.pt (for --resume=True), train_config.json, metrics.jsonl, loss.png.
 """
+import hashlib
 import json
 import os
 import sys
@@ -29,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, load_token_shards, load_tokenizer
-from model import ModelConfig, Transformer, count_params, load_config, load_model
+from configurator import (check, check_choice, check_positive, check_range, check_readable,
+                          check_writable_dir)
+from data import load_token_shards, load_tokenizer
+from model import ModelConfig, NonFiniteError, Transformer, count_params, load_config, load_model
 from runtime import (ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
                      config_dict, doc_ids_and_positions, grad_accum_steps, grad_sync, load_trainer_state,
                      lr_at, make_optimizer, plot_curves, read_metrics, run_main, save_checkpoint,
@@ -83,6 +86,38 @@ class DistillConfig:
     ckpt_interval: int = 0               # also checkpoint every N steps (0 = only at the end)
     log_interval: int = 10
 
+    def validate(self):
+        """Every flag, before any work: types are checked by the parser, ranges and relations here."""
+        check_readable(self.data_dir, "data_dir", "dir")
+        check_positive(self, "seq_len", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "rope_theta",
+                       "kd_temperature", "vocab_chunk", "total_batch_size", "device_batch_size", "max_steps",
+                       "lr", "grad_clip", "eval_batches", "log_interval")
+        check(self.n_embd % self.n_head == 0, "n_head", self.n_head,
+              f"must divide --n_embd={self.n_embd} (head_dim = n_embd / n_head)")
+        check(self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head,
+              f"must divide --n_head={self.n_head} (each KV head serves a group of query heads)")
+        check((self.n_embd // self.n_head) % 2 == 0, "n_head", self.n_head,
+              f"gives an odd head_dim {self.n_embd // self.n_head} (RoPE rotates pairs of dimensions)")
+        check(self.total_batch_size % (self.device_batch_size * self.seq_len) == 0, "total_batch_size",
+              self.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
+              f"{self.device_batch_size} * {self.seq_len} = {self.device_batch_size * self.seq_len}")
+        for name in ("kd_weight", "cosine_weight", "lm_weight", "weight_decay", "warmup_steps", "stop_after",
+                     "eval_interval", "ckpt_interval", "seed"):
+            check_range(self, name, 0)
+        check_range(self, "min_lr_frac", 0, 1)
+        check_choice(self, "device", ("auto", "cpu", "cuda"))
+        if self.init_from != "scratch":
+            check_readable(self.init_from, "init_from", "dir")
+        if self.teacher:
+            check_readable(self.teacher, "teacher", "dir")
+            check(self.kd_weight + self.cosine_weight + self.lm_weight > 0, "kd_weight", self.kd_weight,
+                  "with --cosine_weight=0 and --lm_weight=0 there is no loss to train on")
+        if self.layer_map != "auto":
+            check(all(len(p.split(":")) == 2 and all(v.strip().isdigit() for v in p.split(":"))
+                      for p in self.layer_map.split(",")), "layer_map", self.layer_map,
+                  "must be auto or student:teacher pairs such as 0:0,1:2")
+        check_writable_dir(self.out_dir, "out_dir")
+
 
 # ------------------------------------------------------------------------------------------------
 # The global stream of training windows. Window j of step s starts at an offset drawn from a
@@ -104,6 +139,14 @@ def windows(data, offsets, seq_len, bos_id, device):
     y[y == bos_id] = -100
     doc_ids, positions = doc_ids_and_positions(x, bos_id)
     return x, y, doc_ids, positions
+
+
+def data_fingerprint(data):
+    """A cheap identity of a token stream (length + 4096 tokens spread over it), stored in the
+    checkpoint so that --resume=True refuses to continue on other data at the same path."""
+    idx = np.linspace(0, len(data) - 1, num=min(4096, len(data))).astype(np.int64)
+    sample = np.asarray(data[idx], dtype=np.int64)
+    return f"{len(data)}:{hashlib.sha256(sample.tobytes()).hexdigest()[:16]}"
 
 
 def parse_layer_map(spec, n_student, n_teacher):
@@ -209,24 +252,80 @@ def evaluate(model, teacher, val, cfg, bos_id, device, layer_map):
     return {f"val_{k}": v / norm[k] for k, v in sums.items()}
 
 
+def step_gradients(model, teacher, train, step, cfg, dist, accum, bos_id, layer_map, weights):
+    """Forward + backward of optimizer step `step`: this process's share of the step's global
+    batch in `accum` micro-steps, gradients accumulated in .grad. Each loss term is divided by its
+    count over the whole global batch (every process can count: the stream is known to all), so
+    the accumulated gradient is that of the token mean over the global batch however it is split
+    into processes and micro-steps. DDP averages gradients over the processes, hence the factor
+    world_size. Returns {term: this process's share of its global mean} (tensors)."""
+    n_windows = cfg.total_batch_size // cfg.seq_len
+    offsets = step_offsets(len(train), cfg.seed, step, n_windows, cfg.seq_len)
+    n_lm = sum(int((np.asarray(train[o + 1:o + cfg.seq_len + 1]) != bos_id).sum()) for o in offsets)
+    norm = normalisers(n_windows * cfg.seq_len, n_lm)
+    device = dist.device
+    logged = {}
+    for m in range(accum):
+        first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
+        x, y, doc, pos = windows(train, offsets[first:first + cfg.device_batch_size], cfg.seq_len, bos_id, device)
+        with grad_sync(model, m == accum - 1):
+            with autocast(device):
+                parts = loss_sums(model, teacher, x, y, doc, pos, cfg, layer_map)
+                loss = sum(weights[k] * v / norm[k] for k, v in parts.items()) * dist.world_size
+            loss.backward()
+        for k, v in parts.items():
+            logged[k] = logged.get(k, 0.0) + v.detach() / norm[k]
+    return logged
+
+
+def nonfinite_message(what, step, start_step, model, cfg):
+    """Name a non-finite loss or gradient with its likely cause: weights that went non-finite
+    during this run (divergence: the learning rate), or a first step with finite weights (the
+    input: the --init_from / --teacher checkpoint or the data, which no --lr can fix)."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return (f"step {step}: {what}; the weights hold non-finite values (NaN or inf): training diverged, "
+                f"lower --lr={cfg.lr} or raise --warmup_steps={cfg.warmup_steps}")
+    if step == start_step:
+        source = ", ".join(f"--{k}={getattr(cfg, k)}" for k in ("init_from", "teacher") if getattr(cfg, k)) or "--init_from=scratch"
+        return (f"step {step}: {what} at the first step of this run, with finite weights: the input causes it "
+                f"({source} or the data in --data_dir={cfg.data_dir}), not the learning rate")
+    return (f"step {step}: {what} with finite weights: training diverged; lower --lr={cfg.lr} or raise "
+            f"--warmup_steps={cfg.warmup_steps}")
+
+
 # What a resumed run must share with the run it continues: the data stream and the LR schedule.
-RESUME_KEYS = ("seed", "seq_len", "total_batch_size", "train_data", "max_steps", "lr", "warmup_steps",
-               "min_lr_frac", "teacher", "kd_weight", "cosine_weight", "lm_weight", "layer_map")
+RESUME_KEYS = ("seed", "seq_len", "total_batch_size", "data_dir", "train_data", "max_steps", "lr",
+               "warmup_steps", "min_lr_frac", "teacher", "kd_weight", "cosine_weight", "lm_weight", "layer_map")
 
 
-def load_for_resume(cfg, model_cfg):
-    """The checkpoint in out_dir, checked against this run: same architecture, same run."""
+def _same_setting(key, before, now):
+    if key in ("data_dir", "train_data", "teacher") and before and now:  # out/data == ./out/data/
+        return os.path.normpath(before) == os.path.normpath(now)
+    return before == now
+
+
+def load_for_resume(cfg, model_cfg, train):
+    """The checkpoint in out_dir, checked against this run: same architecture, same run, same data."""
     state = load_trainer_state(cfg.out_dir)
     saved = load_config(cfg.out_dir)
     if saved != model_cfg:
         diff = [k for k in config_dict(model_cfg) if getattr(saved, k) != getattr(model_cfg, k)]
         raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture "
                           f"than this run's model (fields that differ: {diff})")
-    with open(os.path.join(cfg.out_dir, "train_config.json")) as f:
-        before = json.load(f)
-    changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if before.get(k) != getattr(cfg, k)]
+    path = os.path.join(cfg.out_dir, "train_config.json")
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--resume=True: {path} is not valid JSON ({e})") from None
+    changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
+               if not _same_setting(k, before.get(k), getattr(cfg, k))]
     if changed:
         raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
+    saved_data = state.get("extra", {}).get("train_data_fingerprint")
+    if saved_data is not None and saved_data != data_fingerprint(train):
+        raise ConfigError(f"--resume=True: the training data in {cfg.data_dir} is not the data this run was "
+                          f"trained on (the files changed since the checkpoint)")
     if state["step"] >= cfg.max_steps:
         raise ConfigError(f"--resume=True: {cfg.out_dir} is already at step {state['step']} of max_steps={cfg.max_steps}")
     return load_model(cfg.out_dir), state
@@ -265,7 +364,7 @@ def main(cfg):
             raise ConfigError(f"--seq_len={cfg.seq_len} exceeds the {who}'s context of {m.config.max_position_embeddings}")
     start_step, state = 0, None
     if cfg.resume:
-        model, state = load_for_resume(cfg, mcfg)
+        model, state = load_for_resume(cfg, mcfg, train)
         start_step = state["step"]
     model.to(device)
     raw = model
@@ -280,10 +379,10 @@ def main(cfg):
         opt.load_state_dict(state["optimizer"])
 
     accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, dist.world_size)
-    n_windows = cfg.total_batch_size // cfg.seq_len
     flops_tok, peak = estimate_flops_per_token(mcfg, cfg.seq_len), gpu_peak_flops(device)
     end = min(cfg.max_steps, start_step + cfg.stop_after) if cfg.stop_after else cfg.max_steps
     weights = loss_weights(cfg, teacher)
+    extra = {"train_data_fingerprint": data_fingerprint(train)}
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master, append=cfg.resume)
     if master:
         mode = "KD from " + cfg.teacher if teacher is not None else "LM pretraining"
@@ -301,33 +400,18 @@ def main(cfg):
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
-        offsets = step_offsets(len(train), cfg.seed, step, n_windows, cfg.seq_len)
-        # Each term is divided by its global count over this step (every process can count: the
-        # stream is known to all), so the update is the token mean over the whole global batch
-        # however it is split into processes and micro-steps. DDP averages gradients over the
-        # processes, hence the factor world_size.
-        n_lm = sum(int((np.asarray(train[o + 1:o + cfg.seq_len + 1]) != tok.bos_id).sum()) for o in offsets)
-        norm = normalisers(n_windows * cfg.seq_len, n_lm)
-        logged = {}
-        for m in range(accum):
-            first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
-            x, y, doc, pos = windows(train, offsets[first:first + cfg.device_batch_size], cfg.seq_len,
-                                     tok.bos_id, device)
-            with grad_sync(model, m == accum - 1):
-                with autocast(device):
-                    parts = loss_sums(model, teacher, x, y, doc, pos, cfg, layer_map)
-                    loss = sum(weights[k] * v / norm[k] for k, v in parts.items()) * dist.world_size
-                loss.backward()
-            for k, v in parts.items():
-                logged[k] = logged.get(k, 0.0) + v.detach() / norm[k]
+        logged = step_gradients(model, teacher, train, step, cfg, dist, accum, tok.bos_id, layer_map, weights)
         names = sorted(logged)
         means = torch.stack([logged[k] for k in names])
         if dist.ddp:  # every process holds its share of the global mean
             torch.distributed.all_reduce(means)
         logged = dict(zip(names, means.tolist()))
         if not all(np.isfinite(v) for v in logged.values()):
-            raise FloatingPointError(f"step {step}: loss is not finite ({logged}); lower --lr")
+            raise NonFiniteError(nonfinite_message(f"the loss is not finite ({logged})", step, start_step, raw, cfg))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
+        if not np.isfinite(grad_norm):   # stop before the update writes NaN into the weights
+            raise NonFiniteError(nonfinite_message(f"the gradient norm is {grad_norm} (loss {logged})", step,
+                                                   start_step, raw, cfg))
         opt.step()
         opt.zero_grad(set_to_none=True)
         train_time += time.time() - t0  # tokens/s counts training only, not evals or checkpoints
@@ -341,9 +425,9 @@ def main(cfg):
             bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
             train_time, tokens_since = 0.0, 0
         if master and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
-            save_checkpoint(cfg.out_dir, raw, opt, step + 1, cfg, tok)
+            save_checkpoint(cfg.out_dir, raw, opt, step + 1, cfg, tok, extra)
     if master:
-        save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok)
+        save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok, extra)
         if end == cfg.max_steps and cfg.eval_interval:
             log.log(step=end, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map))
         rows = read_metrics(log.path)
@@ -356,9 +440,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    def guarded(cfg):
-        try:
-            main(cfg)
-        except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
-    run_main(guarded, DistillConfig)
+    run_main(main, DistillConfig)

@@ -33,7 +33,8 @@ training tests stay fast; kernel tests opt in with `with kernels.backend("triton
 `kernels.TRITON_CALLS` to prove the Triton path ran (eager launches only: code that torch.compile
 traces is not counted).
 
-Run:  python kernels.py --bench            (needs a CUDA GPU; prints the tables of the README)
+Run:  python kernels.py --bench            (needs a CUDA GPU; prints the tables of the README;
+                                            flags and presets as every script: configurator.py)
       python kernels.py --bench --kernels=attention --seqlens=2048,4096 --head_dims=128
       python kernels.py --compile_check    (no GPU needed: builds every kernel for sm_90 with ptxas,
                                             prints registers, spills and shared memory)
@@ -47,12 +48,14 @@ import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from configurator import ConfigError, check, check_choice, check_positive, run_main
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1184,40 +1187,25 @@ class BenchConfig:
     dtype: str = "bfloat16"
 
 
-def _parse_args(argv):
-    cfg = BenchConfig()
-    valid = {f.name: f for f in fields(BenchConfig)}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise SystemExit(f"kernels.py: argument {arg!r} is not --key=value; valid keys: {', '.join(valid)}")
-        key, eq, value = arg[2:].partition("=")
-        if key not in valid:
-            raise SystemExit(f"kernels.py: unknown key {key!r}; valid keys: {', '.join(valid)}")
-        default = getattr(cfg, key)
-        if isinstance(default, bool):
-            if eq and value not in ("True", "False", "1", "0"):
-                raise SystemExit(f"kernels.py: --{key} takes True/False, got {value!r}")
-            setattr(cfg, key, not eq or value in ("True", "1"))
-        elif not eq:
-            raise SystemExit(f"kernels.py: --{key} needs a value (--{key}=...)")
-        else:
-            try:
-                setattr(cfg, key, type(default)(value))
-            except ValueError:
-                raise SystemExit(f"kernels.py: --{key}={value!r} is not a {type(default).__name__}")
-    unknown = set(cfg.kernels.split(",")) - {"attention", "swiglu_ffn", "rms_norm"}
-    if unknown:
-        raise SystemExit(f"kernels.py: --kernels: unknown {sorted(unknown)}; valid: attention, swiglu_ffn, rms_norm")
-    if cfg.dtype not in ("bfloat16", "float16", "float32"):
-        raise SystemExit(f"kernels.py: --dtype={cfg.dtype!r}; valid: bfloat16, float16, float32")
-    return cfg
+    def validate(self):
+        check(self.bench or self.compile_check, "bench", self.bench,
+              "nothing to do; pass --bench (GPU) or --compile_check (no GPU needed)")
+        unknown = sorted(set(self.kernels.split(",")) - {"attention", "swiglu_ffn", "rms_norm"})
+        check(not unknown, "kernels", self.kernels, f"unknown {unknown}; valid: attention, swiglu_ffn, rms_norm")
+        check_choice(self, "dtype", ("bfloat16", "float16", "float32"))
+        check_positive(self, "tokens", "model_dim", "batch")
+        for flag in ("seqlens", "head_dims", "hidden_sizes"):
+            _ints(getattr(self, flag), flag)
 
 
 def _ints(s, flag):
     try:
-        return [int(v) for v in s.split(",")]
+        vals = [int(v) for v in s.split(",")]
     except ValueError:
-        raise SystemExit(f"kernels.py: --{flag}={s!r} is not a comma-separated list of integers")
+        raise ConfigError(f"--{flag}={s!r}: not a comma-separated list of integers") from None
+    if not all(v >= 1 for v in vals):
+        raise ConfigError(f"--{flag}={s!r}: every value must be >= 1")
+    return vals
 
 
 def _measure(step, params):
@@ -1328,11 +1316,7 @@ def bench(cfg, device="cuda"):
                 del x, dy, ws
 
 
-def main(argv):
-    cfg = _parse_args(argv)
-    if not (cfg.bench or cfg.compile_check):
-        raise SystemExit("kernels.py: nothing to do; pass --bench (GPU) or --compile_check (no GPU needed); "
-                         f"valid keys: {', '.join(f.name for f in fields(BenchConfig))}")
+def main(cfg):
     if cfg.compile_check:
         t0 = time.time()
         print("compiled for sm_90 (H100/H200):  kernel, registers/thread, spill bytes, shared memory bytes")
@@ -1341,12 +1325,18 @@ def main(argv):
         print(f"all kernels compiled in {time.time() - t0:.1f} s")
     if cfg.bench:
         if not torch.cuda.is_available():
-            raise SystemExit("kernels.py --bench needs a CUDA GPU (none found); on CPU, run the kernel "
-                             "tests instead: python -m pytest -q tests/test_kernels.py")
+            raise ConfigError("--bench needs a CUDA GPU (none found); on CPU, run the kernel "
+                              "tests instead: python -m pytest -q tests/test_kernels.py")
         if INTERPRET:
-            raise SystemExit("kernels.py --bench: unset TRITON_INTERPRET (the interpreter only measures numpy)")
+            raise ConfigError("--bench: unset TRITON_INTERPRET (the interpreter only measures numpy)")
         bench(cfg)
 
 
+def cli_args(argv):
+    """The bare switches of the README (`--bench`, `--compile_check`) stand for `--bench=True`;
+    everything else is configurator's syntax: preset files, --key=value."""
+    return [a + "=True" if a in ("--bench", "--compile_check") else a for a in argv]
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, BenchConfig, cli_args(sys.argv[1:]))

@@ -20,14 +20,13 @@ import math
 import os
 import secrets
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import UserError
+from configurator import UserError, atomic_write, remove_tmp_files, sniff_file, user_errors
 from kernels import attention, decode_attention, rms_norm, swiglu_ffn, swiglu_ffn_packed
 
 
@@ -801,6 +800,10 @@ def load_config(path):
     if not os.path.isfile(f):
         what = "no such file or folder" if not os.path.exists(path) else "no config.json in it"
         raise CheckpointError(f"checkpoint {path}: {what}")
+    kind = sniff_file(f)
+    if kind not in ("a JSON file", "a text file"):
+        raise CheckpointError(f"{f}: is {kind}, not a config.json; give the checkpoint folder (config.json + "
+                              f"model.safetensors) or its config.json")
     try:
         with open(f, encoding="utf-8") as fh:
             d = json.load(fh)
@@ -889,26 +892,16 @@ def load_model(path, device="cpu", dtype=torch.float32):
     return model
 
 
-def _atomic_write(path, write):
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_model(model, folder, fmt="native", max_shard_bytes=None, metadata=None):
     """Write config.json + model.safetensors (or shards + index when the weights exceed
     max_shard_bytes). fmt: "native" or "hf" (LlamaForCausalLM if uniform, else DeciLM).
-    Each file is written to a temporary name and renamed, so a crash never leaves a half file."""
+    Each file goes through configurator.atomic_write (temporary name, fsync, rename), so a crash
+    never leaves a half file; leftovers of an earlier save that was killed are removed first."""
     from safetensors.torch import save_file
     if fmt not in ("native", "hf"):
         raise ValueError(f"save_model: fmt must be 'native' or 'hf', got {fmt!r}")
     os.makedirs(folder, exist_ok=True)
+    remove_tmp_files(folder)
     cfg = model.config
     conf = cfg.to_dict() if fmt == "native" else config_to_hf_dict(cfg)
     state = {k.removeprefix("_orig_mod."): v.detach().contiguous().cpu()
@@ -927,28 +920,30 @@ def save_model(model, folder, fmt="native", max_shard_bytes=None, metadata=None)
     written = []
     if len(shards) == 1:
         written.append("model.safetensors")
-        _atomic_write(os.path.join(folder, written[0]), lambda p: save_file(shards[0], p, meta))
+        atomic_write(os.path.join(folder, written[0]), lambda p: save_file(shards[0], p, meta))
     else:
         weight_map = {}
         for j, shard in enumerate(shards):
             name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(os.path.join(folder, name), lambda p: save_file(shard, p, meta))
+            atomic_write(os.path.join(folder, name), lambda p: save_file(shard, p, meta))
             weight_map.update({k: name for k in shard})
             written.append(name)
         total = sum(v.numel() * v.element_size() for v in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         written.append("model.safetensors.index.json")
-        _atomic_write(os.path.join(folder, written[-1]), lambda p: open(p, "w").write(json.dumps(index, indent=2)))
+        atomic_write(os.path.join(folder, written[-1]), json.dumps(index, indent=2))
     for stale in os.listdir(folder):  # weights of an earlier save must not mix with these
         if stale not in written and stale.startswith("model") and stale.endswith((".safetensors", ".index.json")):
             os.remove(os.path.join(folder, stale))
-    _atomic_write(os.path.join(folder, "config.json"), lambda p: open(p, "w").write(json.dumps(conf, indent=2)))
+    atomic_write(os.path.join(folder, "config.json"), json.dumps(conf, indent=2))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python model.py PATH   (a config.json or a checkpoint folder)")
-    try:
+    USAGE = "usage: python model.py PATH   (a config.json or a checkpoint folder)"
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        sys.exit(0)
+    with user_errors():   # the one error path: a bad PATH is one `error:` line, exit status 2
+        if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+            raise UserError(USAGE)
         print(describe(load_config(sys.argv[1])))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")

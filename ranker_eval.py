@@ -32,6 +32,7 @@ Run (defaults: a synthetic world, 150 queries of 5-9 documents, top-4 lists, pos
     python ranker_eval.py
     python ranker_eval.py --data=MSLR-WEB10K/Fold1/test.txt --max_queries=300 --max_docs=50 --K=5
     python ranker_eval.py --click_model=cascade --temperatures=0.5 --log_sizes=2000,8000
+    python ranker_eval.py my_preset.py --reps=3     # preset files (`key = literal` lines) first, as everywhere
 
 Reads: nothing by default; --data=PATH reads a LETOR / SVMlight file (`label qid:ID 1:v ... # c`).
 Writes, to --out_dir (default out/ranker/): results.json, results.md and results.png.
@@ -40,18 +41,25 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
-from dataclasses import dataclass, fields, asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from configurator import (ConfigError, UserError, atomic_write, check, check_choice, check_positive, check_range,
+                          check_readable, check_writable_dir, run_main)
+
+
+class LetorError(UserError):
+    """A malformed LETOR / SVMlight file: the message names the file and the line."""
+
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: a dataclass of defaults, overridden by --key=value on the command line.
+# Configuration: a dataclass of defaults, optional preset files, --key=value overrides
+# (configurator.py, the parser every script of the repository uses; it imports nothing else).
 
 @dataclass
 class Config:
@@ -94,38 +102,31 @@ class Config:
     plot: bool = True
 
 
-def parse_args(argv):
-    """--key=value overrides of Config; unknown keys and unparsable values are errors."""
-    cfg = Config()
-    types = {f.name: f.type for f in fields(Config)}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print("python ranker_eval.py [--key=value ...]; keys and defaults:")
-            for k in types:
-                print(f"  --{k}={getattr(cfg, k)!r}")
-            raise SystemExit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"argument {arg!r}: expected --key=value (valid keys: {', '.join(types)})")
-        key, value = arg[2:].split("=", 1)
-        if key not in types:
-            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
-        typ = types[key]
-        try:
-            if typ in (bool, "bool"):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError("expected true/false")
-                parsed = value.lower() in ("true", "1")
-            elif typ in (int, "int"):
-                parsed = int(value)
-            elif typ in (float, "float"):
-                parsed = float(value)
-            else:
-                parsed = value
-        except ValueError as e:
-            raise SystemExit(f"--{key}={value}: cannot parse as {getattr(typ, '__name__', typ)} ({e})")
-        setattr(cfg, key, parsed)
-    validate(cfg)
-    return cfg
+    def validate(self):
+        """Every flag, up front (before the experiment), with errors that name it."""
+        if self.data:
+            check_readable(self.data, "data")
+        check_writable_dir(self.out_dir, "out_dir")
+        check_positive(self, "K", "n_queries", "docs_min", "n_features", "mlp_hidden", "ltr_lr", "reps",
+                       "propensity_iters", "mc_samples")
+        check(self.docs_min <= self.docs_max, "docs_max", self.docs_max, f"must be >= --docs_min={self.docs_min}")
+        for name in ("seed", "max_queries", "max_docs", "ltr_steps", "new_temperature", "clip", "propensity_l2",
+                     "exact_max_work"):
+            check_range(self, name, 0)
+        for name in ("eps", "cascade_stop"):
+            check_range(self, name, 0, 1)
+        for name in ("prod_feature_frac", "prod_query_frac"):
+            check_range(self, name, 0, 1, lo_open=True)
+        check_choice(self, "click_model", ("pbm", "cascade"))
+        check_choice(self, "propensity_model", ("linear", "mlp"))
+        check(all(t > 0 for t in _float_list(self, "temperatures")), "temperatures", self.temperatures,
+              "logging temperatures must be > 0")
+        check(all(n >= 1 and n == int(n) for n in _float_list(self, "log_sizes")), "log_sizes", self.log_sizes,
+              "expected positive integers")
+        n_specs = len(new_ranker_specs(self, self.n_features))
+        check(1 <= self.n_new_rankers <= n_specs, "n_new_rankers", self.n_new_rankers, f"between 1 and {n_specs}")
+        examination(self)      # raises on a bad --examination
+        estimator_names(self)  # raises on an unknown estimator
 
 
 def _float_list(cfg, key):
@@ -133,35 +134,10 @@ def _float_list(cfg, key):
     try:
         vals = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"--{key}={text}: expected a comma list of numbers")
-    if not vals:
-        raise SystemExit(f"--{key}: empty list")
+        raise ConfigError(f"--{key}={text}: expected a comma list of numbers") from None
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise ConfigError(f"--{key}={text}: expected a non-empty comma list of finite numbers")
     return vals
-
-
-def validate(cfg):
-    """Check the config once, up front, with errors that name the flag."""
-    if cfg.K < 1:
-        raise SystemExit(f"--K={cfg.K}: must be >= 1")
-    if cfg.click_model not in ("pbm", "cascade"):
-        raise SystemExit(f"--click_model={cfg.click_model}: expected pbm or cascade")
-    if cfg.propensity_model not in ("linear", "mlp"):
-        raise SystemExit(f"--propensity_model={cfg.propensity_model}: expected linear or mlp")
-    if not 0 <= cfg.eps <= 1 or not 0 <= cfg.cascade_stop <= 1:
-        raise SystemExit("--eps and --cascade_stop must lie in [0, 1]")
-    if not 1 <= cfg.docs_min <= cfg.docs_max:
-        raise SystemExit(f"--docs_min={cfg.docs_min} --docs_max={cfg.docs_max}: need 1 <= min <= max")
-    if any(t <= 0 for t in _float_list(cfg, "temperatures")):
-        raise SystemExit(f"--temperatures={cfg.temperatures}: logging temperatures must be > 0")
-    if any(n < 1 or n != int(n) for n in _float_list(cfg, "log_sizes")):
-        raise SystemExit(f"--log_sizes={cfg.log_sizes}: expected positive integers")
-    n_specs = len(new_ranker_specs(cfg, cfg.n_features))
-    if not 1 <= cfg.n_new_rankers <= n_specs:
-        raise SystemExit(f"--n_new_rankers={cfg.n_new_rankers}: between 1 and {n_specs}")
-    if cfg.new_temperature < 0 or cfg.reps < 1 or cfg.clip < 0:
-        raise SystemExit("--new_temperature and --clip must be >= 0, --reps >= 1")
-    examination(cfg)      # raises on a bad --examination
-    estimator_names(cfg)  # raises on an unknown estimator
 
 
 def examination(cfg):
@@ -171,9 +147,10 @@ def examination(cfg):
     try:
         theta = np.array([float(v) for v in cfg.examination.split(",")])
     except ValueError:
-        raise SystemExit(f"--examination={cfg.examination}: expected '1/k' or a comma list of probabilities")
-    if len(theta) < cfg.K or np.any(theta < 0) or np.any(theta > 1):
-        raise SystemExit(f"--examination: need at least K={cfg.K} probabilities in [0, 1], got {len(theta)}")
+        raise ConfigError(f"--examination={cfg.examination}: expected '1/k' or a comma list of probabilities") from None
+    if len(theta) < cfg.K or not np.all((theta >= 0) & (theta <= 1)):
+        raise ConfigError(f"--examination={cfg.examination}: need at least K={cfg.K} probabilities in [0, 1], "
+                          f"got {len(theta)}")
     return theta[: cfg.K]
 
 
@@ -221,7 +198,7 @@ def make_synthetic_world(cfg):
 def read_letor(path, max_queries=0):
     """Parse a LETOR / SVMlight ranking file: `label qid:ID idx:value ... # comment` per line.
     Returns [(qid, labels (n,), [(feature indices, values) per document])] in file order, plus the
-    feature count. Every malformed line raises ValueError naming the file and the line number.
+    feature count. Every malformed line raises LetorError (a ValueError) naming the file and the line number.
     max_queries > 0 stops reading when query max_queries+1 starts (LETOR files keep a query's lines
     together), so a 1.2M-line MSLR fold need not be parsed to use its first few hundred queries.
     Rows are kept as small arrays, not dicts: 136 MSLR features x 240k rows as dicts is ~3 GB."""
@@ -233,7 +210,7 @@ def read_letor(path, max_queries=0):
             try:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise LetorError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
@@ -241,12 +218,12 @@ def read_letor(path, max_queries=0):
             try:
                 label = float(tokens[0])
             except ValueError:
-                raise ValueError(f"{where}: label {tokens[0]!r} is not a number")
+                raise LetorError(f"{where}: label {tokens[0]!r} is not a number")
             if not math.isfinite(label) or label < 0 or label != int(label):
-                raise ValueError(f"{where}: label {tokens[0]!r} must be a non-negative integer grade")
+                raise LetorError(f"{where}: label {tokens[0]!r} must be a non-negative integer grade")
             if len(tokens) < 2 or not tokens[1].startswith("qid:") or len(tokens[1]) == 4:
                 got = tokens[1] if len(tokens) > 1 else "end of line"
-                raise ValueError(f"{where}: expected 'qid:<id>' as the second field, got {got!r}")
+                raise LetorError(f"{where}: expected 'qid:<id>' as the second field, got {got!r}")
             qid = tokens[1][4:]
             if max_queries > 0 and qid not in queries and len(order) == max_queries:
                 break
@@ -258,13 +235,13 @@ def read_letor(path, max_queries=0):
                 except ValueError:
                     i = v = None
                 if not sep or i is None:
-                    raise ValueError(f"{where}: feature {tok!r} is not 'index:value'")
+                    raise LetorError(f"{where}: feature {tok!r} is not 'index:value'")
                 if i < 1:
-                    raise ValueError(f"{where}: feature index {i} must be >= 1")
+                    raise LetorError(f"{where}: feature index {i} must be >= 1")
                 if not math.isfinite(v):
-                    raise ValueError(f"{where}: feature {tok!r} is not finite")
+                    raise LetorError(f"{where}: feature {tok!r} is not finite")
                 if i in feats:
-                    raise ValueError(f"{where}: feature index {i} repeated")
+                    raise LetorError(f"{where}: feature index {i} repeated")
                 feats[i] = v
                 n_features = max(n_features, i)
             if qid not in queries:
@@ -274,7 +251,7 @@ def read_letor(path, max_queries=0):
             queries[qid][1].append((np.fromiter(feats.keys(), np.int32, len(feats)),
                                     np.fromiter(feats.values(), np.float32, len(feats))))
     if not order:
-        raise ValueError(f"{path}: no data lines")
+        raise LetorError(f"{path}: no data lines")
     return [(q, np.array(queries[q][0]), queries[q][1]) for q in order], n_features
 
 
@@ -742,7 +719,8 @@ def estimator_names(cfg):
     names = [e.strip() for e in cfg.estimators.split(",") if e.strip()]
     bad = [e for e in names if e not in ESTIMATORS]
     if bad or not names:
-        raise SystemExit(f"--estimators: unknown {bad}; valid: all or a comma list of {', '.join(ESTIMATORS)}")
+        raise ConfigError(f"--estimators={cfg.estimators}: unknown {bad}; valid: all or a comma list of "
+                          f"{', '.join(ESTIMATORS)}")
     return names
 
 
@@ -953,17 +931,14 @@ def plot(res, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+def main(cfg):
     res = run_experiment(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    atomic_write(os.path.join(cfg.out_dir, "results.json"), json.dumps(res, indent=1))
     md = markdown(res)
-    with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
-        f.write(md)
+    atomic_write(os.path.join(cfg.out_dir, "results.md"), md)
     if cfg.plot:
-        plot(res, os.path.join(cfg.out_dir, "results.png"))
+        atomic_write(os.path.join(cfg.out_dir, "results.png"), lambda p: plot(res, p))
     print(md)
     print(f"wrote {cfg.out_dir}/results.json, results.md" + (", results.png" if cfg.plot else "") +
           f" in {res['seconds']:.1f} s")
@@ -971,4 +946,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, Config)

@@ -8,12 +8,14 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from configurator import ConfigError, UserError, parse_config, run_main  # noqa: F401  (re-exported)
+from configurator import (ConfigError, UserError, atomic_write, parse_config, remove_tmp_files,  # noqa: F401
+                          run_main)                                                             # (re-exported)
 
 
 def config_dict(cfg):
@@ -174,26 +176,43 @@ def plot_curves(path_png, rows, keys, xkey="step", title=""):
 # trainer_state.pt (optimizer, step) read back with weights_only=True, plus the resolved config.
 
 def save_checkpoint(out_dir, model, optimizer, step, cfg, tokenizer=None, extra=None):
+    """Every file through configurator.atomic_write (save_model and Tokenizer.save use it too);
+    `.tmp-*` leftovers of a save that was killed are removed first. trainer_state.pt is written
+    after the weights and carries the same step, so load_trainer_state can tell a checkpoint whose
+    save was interrupted between the two."""
     from model import save_model
-    save_model(model, out_dir, metadata={"step": step})
+    save_model(model, out_dir, metadata={"step": step})   # also clears .tmp-* leftovers
     if tokenizer is not None:
         tokenizer.save(out_dir)
     state = {"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {}}
-    tmp = os.path.join(out_dir, ".trainer_state.pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(out_dir, "trainer_state.pt"))
-    with open(os.path.join(out_dir, "train_config.json"), "w") as f:
-        json.dump(config_dict(cfg), f, indent=2)
+    atomic_write(os.path.join(out_dir, "trainer_state.pt"), lambda p: torch.save(state, p))
+    atomic_write(os.path.join(out_dir, "train_config.json"), json.dumps(config_dict(cfg), indent=2))
 
 
 def load_trainer_state(out_dir):
+    """trainer_state.pt of a checkpoint folder (weights_only=True: no code runs), checked against
+    the step of model.safetensors. Clears `.tmp-*` leftovers of an interrupted save."""
+    from model import CheckpointError
+    from safetensors import SafetensorError, safe_open
     path = os.path.join(out_dir, "trainer_state.pt")
     if not os.path.isfile(path):
         raise ConfigError(f"--resume=True but {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    from safetensors import safe_open
-    with safe_open(os.path.join(out_dir, "model.safetensors"), "pt") as f:
-        saved_step = int((f.metadata() or {}).get("step", -1))
+    remove_tmp_files(out_dir)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        # torch.load's errors for a truncated / foreign file: "PytorchStreamReader failed reading
+        # zip archive", "Weights only load failed", EOFError, ...
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or not a trainer state written by save_checkpoint ({reason})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "optimizer" not in state:
+        raise CheckpointError(f"{path}: not a trainer state (expected a dict with 'step' and 'optimizer')")
+    weights = os.path.join(out_dir, "model.safetensors")
+    try:
+        with safe_open(weights, "pt") as f:
+            saved_step = int((f.metadata() or {}).get("step", -1))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
     if saved_step != state["step"]:
         raise ConfigError(f"{out_dir}: model.safetensors is from step {saved_step} but trainer_state.pt "
                           f"from step {state['step']}: the checkpoint was interrupted while being written")

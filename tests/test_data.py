@@ -209,6 +209,30 @@ def test_render_chat_system_and_generation_prompt(small_tok):
         tok.render_chat([{"role": "tool", "content": "x"}])
 
 
+def test_render_chat_history_drops_reasoning_before_a_generation_prompt(small_tok):
+    """Multi-turn chat as sample.py's REPL renders it: the conversation ends on a user turn with a
+    generation prompt, so every assistant turn is history and keeps only its answer, the last one
+    included (only a final assistant turn, the training target, keeps its think block)."""
+    tok = small_tok[0]
+    msgs = [{"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "<think>\nfirst thoughts\n</think>\n\nA1"},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "<think>\nsecond thoughts\n</think>\n\nA2"},
+            {"role": "user", "content": "Q3"}]
+    ids, mask = tok.render_chat(msgs, reasoning="on", add_generation_prompt=True)
+    assert tok.decode(ids) == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                               "detailed thinking on<|eot_id|>"
+                               "<|start_header_id|>user<|end_header_id|>\n\nQ1<|eot_id|>"
+                               "<|start_header_id|>assistant<|end_header_id|>\n\nA1<|eot_id|>"
+                               "<|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|>"
+                               "<|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>"
+                               "<|start_header_id|>user<|end_header_id|>\n\nQ3<|eot_id|>"
+                               "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert masked_text(tok, ids, mask) == "A1<|eot_id|>A2<|eot_id|>"
+    without = tok.render_chat(msgs, reasoning="on")[0]     # same history without the prompt
+    assert ids[:len(without)] == without
+
+
 def test_split_reasoning_and_format():
     assert data.split_reasoning("<think>\nR1\nR2\n</think>\n\nA") == ("R1\nR2", "A")
     assert data.split_reasoning("  just 7 ") == (None, "just 7")

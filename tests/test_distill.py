@@ -5,15 +5,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import distill
-from data import DataConfig, load_tokenizer, prepare
+from data import DataConfig, load_token_shards, load_tokenizer, prepare
 from model import ModelConfig, Transformer, save_model
-from runtime import ConfigError, chunked_cross_entropy, chunked_kl, parse_config
+from runtime import ConfigError, Dist, chunked_cross_entropy, chunked_kl, doc_ids_and_positions, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocesses run the scripts as a user would: on CPU with the PyTorch references, not with the
@@ -127,7 +128,7 @@ def test_kd_moves_student_toward_teacher(data_dir, tmp_path):
 
 def test_kd_terms_of_a_step_match_direct_computation(data_dir):
     """loss_sums + normalisers against the formulas written out on full logits."""
-    cfg = parse_config(distill.DistillConfig, TINY + ["--lm_weight=0.5", "--kd_temperature=2.0"])
+    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--lm_weight=0.5", "--kd_temperature=2.0"])
     torch.manual_seed(0)
     student, teacher = distill.build_student(cfg, 768), distill.build_student(cfg, 768)
     x = torch.randint(0, 768, (2, 9))
@@ -143,6 +144,88 @@ def test_kd_terms_of_a_step_match_direct_computation(data_dir):
         assert torch.allclose(parts[k], ref, rtol=1e-4), k
     assert distill.loss_weights(cfg, teacher) == {"kl": 1.0, "cos": 1.0, "lm": 0.5}
     assert distill.normalisers(18, 17) == {"kl": 18, "cos": 18, "lm": 17}
+
+
+def test_windows_never_target_the_next_documents_bos():
+    """A BOS target would ask the model to predict where the next packed document starts, which
+    nothing in this document tells: such targets are ignored (-100); inputs keep every token."""
+    bos = 5
+    data = np.array([5, 1, 2, 3, 5, 4, 6, 5, 7, 8, 9], dtype=np.uint16)
+    x, y, doc, pos = distill.windows(data, [0, 2], 6, bos, "cpu")
+    assert x.tolist() == [[5, 1, 2, 3, 5, 4], [2, 3, 5, 4, 6, 5]]
+    assert y.tolist() == [[1, 2, 3, -100, 4, 6], [3, -100, 4, 6, -100, 7]]
+    assert doc.tolist() == [[1, 1, 1, 1, 2, 2], [0, 0, 1, 1, 1, 2]]
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 0, 1, 2, 0]]
+
+
+def _direct_step_loss(model, train, offsets, seq_len, bos):
+    """The mean next-token loss over a step's windows in one pass, written out without
+    distill.windows: targets that are a BOS do not count."""
+    buf = torch.from_numpy(np.stack([np.asarray(train[o:o + seq_len + 1], dtype=np.int64) for o in offsets]))
+    x, y = buf[:, :-1], buf[:, 1:]
+    doc, pos = doc_ids_and_positions(x, bos)
+    logits = model(x, doc, pos)
+    keep = y != bos
+    return F.cross_entropy(logits[keep], y[keep], reduction="sum") / keep.sum()
+
+
+def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir, tmp_path):
+    """The gradient accumulated over 4 micro-steps is the gradient of the token-mean loss over all
+    16 windows of the step (AdamW and clipping would hide a factor such as the number of
+    micro-steps, so the gradient itself is compared); and 2 processes x 2 micro-steps, averaged as
+    DDP does, give the same gradient."""
+    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--total_batch_size=512"])
+    tok = load_tokenizer(data_dir)
+    train = load_token_shards(os.path.join(data_dir, "pretrain_train"), n_vocab=tok.n_vocab)
+    torch.manual_seed(0)
+    model = distill.build_student(cfg, tok.n_vocab)
+    params = list(model.parameters())
+    step = 3
+    offsets = distill.step_offsets(len(train), cfg.seed, step, 512 // cfg.seq_len, cfg.seq_len)
+    ref_loss = _direct_step_loss(model, train, offsets, cfg.seq_len, tok.bos_id)
+    ref = torch.autograd.grad(ref_loss, params)
+    assert sum(int((np.asarray(train[o + 1:o + cfg.seq_len + 1]) == tok.bos_id).sum()) for o in offsets) > 0
+
+    def grads(rank, world, accum):
+        model.zero_grad(set_to_none=True)
+        logged = distill.step_gradients(model, None, train, step, cfg, Dist(rank, rank, world, "cpu"), accum,
+                                        tok.bos_id, {}, {"lm": 1.0})
+        return [p.grad.clone() for p in params], float(logged["lm"])
+
+    one, lm = grads(0, 1, 4)
+    assert lm == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    for a, b in zip(one, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), float((a - b).abs().max() / b.abs().max())
+    (g0, lm0), (g1, lm1) = grads(0, 2, 2), grads(1, 2, 2)
+    assert lm0 + lm1 == pytest.approx(float(ref_loss.detach()), rel=1e-5)   # each rank holds its share of the mean
+    for a, b, r in zip(g0, g1, ref):
+        assert torch.allclose((a + b) / 2, r, rtol=1e-4, atol=1e-7)
+    # KD: KL and cosine terms are means over all positions of the global batch
+    kd = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--total_batch_size=512",
+                                                     "--kd_weight=0.7", "--cosine_weight=0.3"])
+    torch.manual_seed(1)
+    teacher = distill.build_student(kd, tok.n_vocab).requires_grad_(False)
+    x, y, doc, pos = distill.windows(train, offsets, kd.seq_len, tok.bos_id, "cpu")
+    layer_map = {0: 1, 1: 0}
+    parts = distill.loss_sums(model, teacher, x, y, doc, pos, kd, layer_map)
+    ref_kd = torch.autograd.grad(0.7 * parts["kl"] / x.numel() + 0.3 * parts["cos"] / x.numel(), params)
+    model.zero_grad(set_to_none=True)
+    logged = distill.step_gradients(model, teacher, train, step, kd, Dist(), 4, tok.bos_id, layer_map,
+                                    distill.loss_weights(kd, teacher))
+    assert float(logged["kl"]) == pytest.approx(float(parts["kl"].detach()) / x.numel(), rel=1e-5)
+    for p, r in zip(params, ref_kd):
+        assert torch.allclose(p.grad, r, rtol=1e-4, atol=1e-7)
+    # end to end: the gradient norm distill.py logs for its first step (before clipping) is the
+    # norm of the direct gradient, so no factor can hide between the micro-steps and the optimizer
+    run(data_dir, tmp_path / "one", "--total_batch_size=512", "--max_steps=1", "--warmup_steps=0")
+    row = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")][0]
+    torch.manual_seed(cfg.seed)   # the weights distill.py started from
+    init = distill.build_student(cfg, tok.n_vocab)
+    offsets = distill.step_offsets(len(train), cfg.seed, 0, 512 // cfg.seq_len, cfg.seq_len)
+    loss0 = _direct_step_loss(init, train, offsets, cfg.seq_len, tok.bos_id)
+    g = torch.autograd.grad(loss0, list(init.parameters()))
+    assert row["train_lm"] == pytest.approx(float(loss0.detach()), rel=1e-5)
+    assert row["grad_norm"] == pytest.approx(float(torch.sqrt(sum((x ** 2).sum() for x in g))), rel=1e-4)
 
 
 def test_bad_input_errors(data_dir, tmp_path):
@@ -165,7 +248,7 @@ def test_bad_input_errors(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'n_layers'; valid keys: .*n_layer"):
         parse_config(distill.DistillConfig, ["--n_layers=3"])
     with pytest.raises(ConfigError, match="pretrain_val holds .* fewer than one window of --seq_len=8192"):
-        run(data_dir, tmp_path / "x", "--seq_len=8192", "--max_steps=1")
+        run(data_dir, tmp_path / "x", "--seq_len=8192", "--total_batch_size=32768", "--max_steps=1")
     with pytest.raises(ConfigError, match="multiple of"):
         run(data_dir, tmp_path / "x", "--total_batch_size=100")
 

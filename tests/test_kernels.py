@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import kernels
+from configurator import ConfigError, parse_config
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -511,15 +512,19 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_command_line():
-    with pytest.raises(SystemExit, match="unknown key 'sequence'.*valid keys: bench"):
-        kernels.main(["--sequence=4"])
-    with pytest.raises(SystemExit, match="nothing to do"):
-        kernels.main([])
-    with pytest.raises(SystemExit, match="not a int"):
-        kernels.main(["--bench", "--tokens=lots"])
+    parse = lambda *a: parse_config(kernels.BenchConfig, kernels.cli_args(list(a)))
+    with pytest.raises(ConfigError, match="unknown key 'sequence'.*valid keys: .*bench"):
+        parse("--sequence=4")
+    with pytest.raises(ConfigError, match="nothing to do"):
+        parse()
+    with pytest.raises(ConfigError, match="tokens='lots' is not a valid int"):
+        parse("--bench", "--tokens=lots")
+    with pytest.raises(ConfigError, match="--seqlens='1,x'"):
+        parse("--bench", "--seqlens=1,x")
+    assert parse("--bench").bench and parse("--compile_check=True").compile_check
     if DEV == "cpu":
-        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-            kernels.main(["--bench"])
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            kernels.main(parse("--bench"))
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="with a GPU, run the real thing: python kernels.py --bench")
@@ -543,7 +548,7 @@ def test_bench_dry_run_on_cpu(monkeypatch, capsys):
                         ("max_memory_allocated", 3 * 2 ** 20), ("empty_cache", None), ("get_device_name", "CPU")]:
         monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    cfg = kernels._parse_args(["--bench", "--seqlens=17,33", "--head_dims=32", "--tokens=34", "--model_dim=64",
+    cfg = parse_config(kernels.BenchConfig, ["--bench=True", "--seqlens=17,33", "--head_dims=32", "--tokens=34", "--model_dim=64",
                                "--hidden_sizes=48", "--batch=1", "--dtype=float32"])
     before = {n: kernels.TRITON_CALLS[n] for n in ("attention_bwd", "swiglu_bwd", "rms_norm_bwd")}
     kernels.bench(cfg, device="cpu")

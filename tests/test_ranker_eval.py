@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ranker_eval as rk  # noqa: E402
+from configurator import ConfigError, parse_config  # noqa: E402
 
 
 def brute_marginals(logits, K):
@@ -217,6 +218,67 @@ def test_self_normalised_estimates_stay_in_0_K(seed):
     assert np.all(clipped["ip_oracle"] <= 2.0 * logs.clicks.sum(1).mean() + 1e-12)
 
 
+def _hand_logs():
+    """3 logged lists, K = 2: query 0 has 3 documents, query 1 one (its rank 2 stays empty)."""
+    return rk.Logs(q=np.array([0, 0, 1]), A=np.array([[0, 1], [2, 0], [0, -1]]),
+                   clicks=np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
+
+
+def test_self_normalised_estimators_by_hand_off_policy():
+    """A new policy other than the logger (weights != 1), values worked out by hand. Item-position
+    weights w = h/p: [[0.5, 2], [3, 0.5], [1, -]]; clicks [[1, 1], [0, 1], [1, 0]].
+      ip      = sum c w / T = (0.5 + 2 + 0.5 + 1) / 3 = 4/3
+      ip_sn   = per rank sum_t c w / sum_t w (+1 per empty rank): (0.5 + 1) / 4.5 + (2 + 0.5) / (2.5 + 1)
+              = 1/3 + 5/7 = 22/21   (normalising per list, or over everything, gives other numbers)
+    List weights h(A)/p(A) = [0.5, 3, 1], clicks per list [2, 1, 1]:
+      list_ips = (1 + 3 + 1) / 3 = 5/3,  list_ips_sn = 5 / 4.5 = 10/9."""
+    logs = _hand_logs()
+    p_at = np.array([[0.5, 0.25], [0.2, 0.4], [1.0, 0.7]])
+    h_at = np.array([[0.25, 0.5], [0.6, 0.2], [1.0, 0.3]])
+    assert rk.ip_estimate(logs, h_at, p_at) == pytest.approx(4 / 3)
+    assert rk.ip_estimate(logs, h_at, p_at, self_normalise=True) == pytest.approx(22 / 21)
+    both = rk.ip_estimate(logs, np.stack([h_at, p_at]), p_at, self_normalise=True)   # (R, T, K) -> (R,)
+    assert both == pytest.approx([22 / 21, 4 / 3])           # on-policy: every weight 1, the click mean
+    h_list, p_list = np.array([0.1, 0.3, 0.5]), np.array([0.2, 0.1, 0.5])
+    assert rk.list_ips_estimate(logs, h_list, p_list) == pytest.approx(5 / 3)
+    assert rk.list_ips_estimate(logs, h_list, p_list, self_normalise=True) == pytest.approx(10 / 9)
+    assert rk.list_ips_estimate(logs, np.stack([h_list, p_list]), p_list, self_normalise=True) == pytest.approx([10 / 9, 4 / 3])
+    # clipping caps each weight before normalising: w = [[0.5, 1], [1, 0.5], [1, -]]
+    assert rk.ip_estimate(logs, h_at, p_at, clip=1.0, self_normalise=True) == pytest.approx(1.5 / 2.5 + 1.5 / 2.5)
+    # small weights (their sum below 1) and a rank whose weights are all 0 (the new policy never puts
+    # a logged document there): w = [[0.05, 0], [0.3, 0]] -> 0.05 / 0.35 + 0 (no weight, no estimate)
+    full = rk.Logs(q=np.array([0, 0]), A=np.array([[0, 1], [2, 0]]), clicks=np.array([[1.0, 1.0], [0.0, 1.0]]))
+    h_small = np.array([[0.025, 0.0], [0.06, 0.0]])
+    assert rk.ip_estimate(full, h_small, p_at[:2], self_normalise=True) == pytest.approx(1 / 7)
+    assert rk.list_ips_estimate(full, np.array([0.02, 0.01]), np.array([0.2, 0.1]), self_normalise=True) == pytest.approx(1.5)
+    assert rk.list_ips_estimate(full, np.zeros(2), np.array([0.2, 0.1]), self_normalise=True) == 0.0
+
+
+def test_estimate_all_wires_the_self_normalised_estimators():
+    """The same hand-made log through estimate_all: propensities looked up per (query, document,
+    rank), list probabilities from Plackett-Luce. Logger weights (1, 2, 1) on query 0, new policy
+    (2, 1, 1): P0(A) = [1/4 * 2/3, 1/4 * 1/3, 1] = [1/6, 1/12, 1], h(A) = [1/2 * 1/2, 1/4 * 2/3, 1]
+    = [1/4, 1/6, 1]; list weights [3/2, 2, 1] on clicks [2, 1, 1]: list_ips = 6/3 = 2,
+    list_ips_sn = 6/4.5 = 4/3."""
+    logs = _hand_logs()
+    with np.errstate(divide="ignore"):   # log 0 = -inf on the padding of query 1
+        logger = rk.Policy("logger", np.log(np.array([[1.0, 2.0, 1.0], [1.0, 0.0, 0.0]])))
+        new = rk.Policy("new", np.log(np.array([[2.0, 1.0, 1.0], [1.0, 0.0, 0.0]])))
+    P0 = np.zeros((2, 3, 2))
+    H = np.zeros((2, 3, 2))
+    for (q, d, k), p, h in [((0, 0, 0), 0.5, 0.25), ((0, 1, 1), 0.25, 0.5), ((0, 2, 0), 0.2, 0.6),
+                            ((0, 0, 1), 0.4, 0.2), ((1, 0, 0), 1.0, 1.0)]:
+        P0[q, d, k], H[q, d, k] = p, h
+    names = ["naive", "ip_oracle", "ip_oracle_sn", "list_ips", "list_ips_sn", "ip_parametric_sn", "ip_empirical_sn"]
+    est = rk.estimate_all(names, logs, H[None], [new], logger, P0, P0, P0, np.array([1.0, 0.5]), 0.0)
+    assert est["naive"] == pytest.approx([4 / 3])
+    assert est["ip_oracle"] == pytest.approx([4 / 3])          # sum c w / T (hand weights as above)
+    for name in ("ip_oracle_sn", "ip_parametric_sn", "ip_empirical_sn"):
+        assert est[name] == pytest.approx([22 / 21]), name
+    assert est["list_ips"] == pytest.approx([2.0])
+    assert est["list_ips_sn"] == pytest.approx([4 / 3])
+
+
 def test_empirical_propensities_are_per_query_frequencies():
     logs = rk.Logs(q=np.array([0, 0, 0, 1]), A=np.array([[2, 0], [2, 1], [0, 2], [1, -1]]),
                    clicks=np.zeros((4, 2)))
@@ -304,9 +366,10 @@ def test_runs_end_to_end_on_an_unseen_letor_file(tmp_path):
     cfg = rk.Config(n_queries=25, docs_min=2, docs_max=12, n_features=7, seed=11)
     write_letor(rk.make_synthetic_world(cfg), tmp_path / "unseen.txt")
     out = tmp_path / "out"
-    res = rk.main([f"--data={tmp_path / 'unseen.txt'}", f"--out_dir={out}", "--K=5", "--reps=1",
-                   "--log_sizes=300", "--temperatures=0.5", "--ltr_steps=20", "--n_new_rankers=4",
-                   "--exact_max_work=3000", "--mc_samples=500", "--plot=false"])
+    res = rk.main(parse_config(rk.Config, [
+        f"--data={tmp_path / 'unseen.txt'}", f"--out_dir={out}", "--K=5", "--reps=1", "--log_sizes=300",
+        "--temperatures=0.5", "--ltr_steps=20", "--n_new_rankers=4", "--exact_max_work=3000", "--mc_samples=500",
+        "--plot=false"]))
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["estimators"]) == set(rk.ESTIMATORS) and set(saved["kendall_tau"]) == set(rk.ESTIMATORS)
     for m in saved["estimators"].values():
@@ -319,8 +382,8 @@ def test_runs_end_to_end_on_an_unseen_letor_file(tmp_path):
 # ---------------------------------------------------------------- the experiment and the CLI
 
 def test_parametric_beats_empirical_when_new_rankers_go_where_the_logger_rarely_did(tmp_path):
-    cfg = rk.parse_args(["--temperatures=0.25", "--log_sizes=1000,4000", "--reps=2", "--ltr_steps=60",
-                         "--estimators=naive,ip_oracle,ip_empirical,ip_parametric"])
+    cfg = parse_config(rk.Config, ["--temperatures=0.25", "--log_sizes=1000,4000", "--reps=2", "--ltr_steps=60",
+                                   "--estimators=naive,ip_oracle,ip_empirical,ip_parametric"])
     res = rk.run_experiment(cfg, show_progress=False)
     e = res["estimators"]
     assert all(r["unseen_mass"] > 0.1 for r in res["by_condition"])
@@ -333,17 +396,20 @@ def test_parametric_beats_empirical_when_new_rankers_go_where_the_logger_rarely_
     assert path.stat().st_size > 1000 and "| ip_parametric |" in rk.markdown(res)
 
 
-def test_cli_errors_name_the_flag():
-    with pytest.raises(SystemExit, match="valid keys: data, out_dir"):
-        rk.parse_args(["--temprature=1"])
-    with pytest.raises(SystemExit, match="--K=abc"):
-        rk.parse_args(["--K=abc"])
-    with pytest.raises(SystemExit, match="unknown \\['ips'\\]"):
-        rk.parse_args(["--estimators=ips,naive"])
-    with pytest.raises(SystemExit, match="--examination"):
-        rk.parse_args(["--examination=0.5,0.2"])
-    with pytest.raises(SystemExit, match="--temperatures"):
-        rk.parse_args(["--temperatures=0"])
-    cfg = rk.parse_args(["--K=3", "--plot=false", "--clip=5", "--examination=0.9,0.5,0.2,0.1"])
+def test_cli_errors_name_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'temprature'; valid keys: .*temperatures"):
+        parse_config(rk.Config, ["--temprature=1"])
+    with pytest.raises(ConfigError, match="--K: K='abc' is not a valid int"):
+        parse_config(rk.Config, ["--K=abc"])
+    with pytest.raises(ConfigError, match="unknown \\['ips'\\]"):
+        parse_config(rk.Config, ["--estimators=ips,naive"])
+    with pytest.raises(ConfigError, match="--examination"):
+        parse_config(rk.Config, ["--examination=0.5,0.2"])
+    with pytest.raises(ConfigError, match="--temperatures"):
+        parse_config(rk.Config, ["--temperatures=0"])
+    cfg = parse_config(rk.Config, ["--K=3", "--plot=false", "--clip=5", "--examination=0.9,0.5,0.2,0.1"])
     assert cfg.K == 3 and cfg.plot is False and cfg.clip == 5.0
     np.testing.assert_allclose(rk.examination(cfg), [0.9, 0.5, 0.2])
+    preset = tmp_path / "p.py"   # preset files, as every script takes them
+    preset.write_text("K = 2\nreps = 3\n")
+    assert parse_config(rk.Config, [str(preset), "--reps=4"]) == rk.Config(K=2, reps=4)

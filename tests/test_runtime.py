@@ -1,4 +1,5 @@
 """runtime.py: configuration, LR schedule, batch bookkeeping."""
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -58,6 +59,21 @@ def test_lr_schedule_endpoints():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_lr_schedule_is_cosine_between_the_endpoints():
+    """The decay between warmup and the last step follows the half cosine, not a straight line
+    (which shares the endpoints and the midpoint): values written out at a quarter and three
+    quarters of the decay, and the warmup ramp step by step."""
+    lr, warm, steps, floor = 2.0, 4, 25, 0.1       # decay over steps 4..24: progress (s - 4) / 20
+    for s, progress in ((4, 0.0), (9, 0.25), (14, 0.5), (19, 0.75), (24, 1.0), (30, 1.0)):
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        assert lr_at(s, steps, lr, warm, floor) == pytest.approx(lr * (floor + (1 - floor) * cosine), rel=1e-12), s
+    assert lr_at(9, steps, lr, warm, floor) == pytest.approx(2.0 * (0.1 + 0.9 * 0.8535533905932737))  # not 0.775 * 2
+    assert [lr_at(s, steps, lr, warm, floor) for s in range(warm)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert lr_at(0, 10, 1.0, 0, 0.0) == pytest.approx(1.0)    # no warmup: the peak at step 0
+    assert lr_at(9, 10, 1.0, 0, 0.0) == pytest.approx(0.0, abs=1e-12)
+    assert [lr_at(s, 2, 1.0, 0, 0.1) for s in (0, 1)] == pytest.approx([1.0, 0.1])   # 2 steps: peak, floor
+
+
 def test_grad_accum_from_global_batch():
     assert grad_accum_steps(8192, 16, 256, 1) == 2
     assert grad_accum_steps(8192, 16, 256, 2) == 1
@@ -110,14 +126,117 @@ def test_gradients_are_reduced_only_on_the_last_micro_step(tmp_path):
         td.destroy_process_group()
 
 
-def test_every_preset_parses():
+def test_every_preset_parses(tmp_path):
+    """Every preset parses and validates; its input folders are replaced by existing ones (validate
+    checks that inputs exist, and the presets name folders of other machines)."""
     import glob
     import os
+    from dataclasses import replace
     from distill import DistillConfig
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     presets = sorted(glob.glob(os.path.join(root, "config", "*.py")))
     assert len(presets) >= 4
+    here = [f"--data_dir={tmp_path}"]
     for p in presets:
-        parse_config(DistillConfig, [p])
-    nano = parse_config(DistillConfig, [os.path.join(root, "config", "nano_parent_cpu.py")])
-    assert nano == DistillConfig(device="cpu")  # the preset spells out the defaults
+        keys = read_preset(p)
+        extra = [f"--{k}={tmp_path}" for k in ("init_from", "teacher") if keys.get(k, "scratch") not in ("", "scratch")]
+        parse_config(DistillConfig, [p, *here, *extra, f"--out_dir={tmp_path / 'out'}"])
+    nano = parse_config(DistillConfig, [os.path.join(root, "config", "nano_parent_cpu.py"), *here])
+    assert nano == replace(DistillConfig(device="cpu"), data_dir=str(tmp_path))  # the preset spells out the defaults
+
+
+def _tiny_checkpoint_parts(tmp_path):
+    from data import train_tokenizer
+    from model import ModelConfig, Transformer
+    from runtime import make_optimizer
+    tok = train_tokenizer("the cat sat on the mat. " * 50, 520, str(tmp_path / "tok"), progress=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.llama(num_layers=1, vocab_size=tok.n_vocab, hidden_size=16, num_attention_heads=2,
+                                          intermediate_size=32, max_position_embeddings=16))
+    return model, make_optimizer(model, 1e-3, 0.1), tok
+
+
+def test_every_checkpoint_file_is_written_atomically(tmp_path, monkeypatch):
+    """Each file of a checkpoint (weights, config.json, tokenizer files, trainer_state.pt,
+    train_config.json; shards + index of a sharded save and of token shards) reaches its name by a
+    rename from a `.tmp-*` file after an fsync; leftovers of a killed save are removed."""
+    import os
+    import numpy as np
+    from data import write_token_shards
+    from model import save_model
+    from runtime import save_checkpoint
+    model, opt, tok = _tiny_checkpoint_parts(tmp_path)
+    renamed, synced = [], []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((os.path.basename(a), os.path.basename(b))),
+                                                     real_replace(a, b))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / ".tmp-k1ll3d-model.safetensors").write_bytes(b"half a file")   # a save that was killed
+    save_checkpoint(str(out), model, opt, 3, Cfg(), tok)
+    files = sorted(os.listdir(out))
+    assert files == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_meta.json",
+                     "train_config.json", "trainer_state.pt"]
+    assert {b for a, b in renamed if a.startswith(".tmp-")} == set(files) and len(renamed) == len(files)
+    assert len(synced) >= 2 * len(files)    # the file, then its folder
+    renamed.clear()
+    save_model(model, str(tmp_path / "sharded"), max_shard_bytes=4000)
+    sharded = sorted(os.listdir(tmp_path / "sharded"))
+    assert "model.safetensors.index.json" in sharded and len(sharded) > 3
+    assert sorted(b for a, b in renamed if a.startswith(".tmp-")) == sharded
+    renamed.clear()
+    write_token_shards([[1, 5, 6], [1, 7]], str(tmp_path / "shards"), np.uint16, shard_tokens=3)
+    assert sorted(b for a, b in renamed if a.startswith(".tmp-")) == ["index.json", "shard_000.bin", "shard_001.bin"]
+
+
+def test_interrupted_save_keeps_the_old_state_and_resume_clears_leftovers(tmp_path, monkeypatch):
+    import os
+    from model import CheckpointError
+    from runtime import load_trainer_state, save_checkpoint
+    model, opt, tok = _tiny_checkpoint_parts(tmp_path)
+    out = str(tmp_path / "ckpt")
+    save_checkpoint(out, model, opt, 2, Cfg(), tok)
+    before = open(os.path.join(out, "trainer_state.pt"), "rb").read()
+
+    def killed(obj, path):   # the process dies halfway through writing trainer_state.pt
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(out, model, opt, 4, Cfg(), tok)
+    monkeypatch.undo()
+    assert open(os.path.join(out, "trainer_state.pt"), "rb").read() == before
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    # weights of step 4 beside the state of step 2: named, not loaded
+    with pytest.raises(ConfigError, match="model.safetensors is from step 4 but trainer_state.pt from step 2"):
+        load_trainer_state(out)
+    save_checkpoint(out, model, opt, 4, Cfg(), tok)
+    open(os.path.join(out, ".tmp-xyz-trainer_state.pt"), "wb").write(b"leftover of a kill -9")
+    assert load_trainer_state(out)["step"] == 4
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    state = open(os.path.join(out, "trainer_state.pt"), "rb").read()
+    open(os.path.join(out, "trainer_state.pt"), "wb").write(state[:len(state) // 2])
+    with pytest.raises(CheckpointError, match="trainer_state.pt: truncated or not a trainer state"):
+        load_trainer_state(out)
+
+
+def test_atomic_write_and_writability_checks(tmp_path):
+    import os
+    from configurator import atomic_write, check_writable_dir
+    p = tmp_path / "f.json"
+    atomic_write(str(p), '{"a": 1}')
+    atomic_write(str(p), b"new")
+    assert p.read_bytes() == b"new" and os.listdir(tmp_path) == ["f.json"]
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(str(p), lambda path: (open(path, "w").write("partial"), 1 / 0))
+    assert p.read_bytes() == b"new" and os.listdir(tmp_path) == ["f.json"]
+    check_writable_dir(str(tmp_path / "new" / "deeper"), "out_dir")     # may be created
+    assert sorted(os.listdir(tmp_path)) == ["f.json"]                    # the probe leaves nothing
+    with pytest.raises(ConfigError, match="--out_dir=.*exists and is not a folder"):
+        check_writable_dir(str(p), "out_dir")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_writable_dir(str(p / "sub"), "out_dir")
+    with pytest.raises(ConfigError, match="not writable"):
+        check_writable_dir("/proc/nanonemotron/out", "out_dir")
