@@ -32,9 +32,9 @@ from tqdm import tqdm
 from data import DataError, load_token_shards, load_tokenizer
 from model import ModelConfig, Transformer, count_params, load_config, load_model
 from runtime import (ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
-                     config_dict, doc_ids_and_positions, grad_accum_steps, grad_sync, load_trainer_state,
-                     lr_at, make_optimizer, plot_curves, read_metrics, run_main, save_checkpoint,
-                     setup_dist, teardown_dist)
+                     config_dict, grad_accum_steps, grad_sync, load_trainer_state, lr_at, make_optimizer,
+                     plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, step_offsets,
+                     teardown_dist, windows)
 
 
 @dataclass
@@ -82,28 +82,6 @@ class DistillConfig:
     eval_batches: int = 4
     ckpt_interval: int = 0               # also checkpoint every N steps (0 = only at the end)
     log_interval: int = 10
-
-
-# ------------------------------------------------------------------------------------------------
-# The global stream of training windows. Window j of step s starts at an offset drawn from a
-# generator seeded by (seed, s) alone, so the stream is the same for 1 process or 64, and a
-# resumed run continues it exactly. Process r's micro-step m takes windows
-# [(m * world + r) * dbs, ... + dbs).
-
-def step_offsets(n_tokens, seed, step, n_windows, seq_len):
-    rng = np.random.default_rng([seed, step])
-    return rng.integers(0, n_tokens - seq_len - 1, size=n_windows)
-
-
-def windows(data, offsets, seq_len, bos_id, device):
-    """Token windows -> (x, y, doc_ids, positions). Targets that are a BOS (the start of the next
-    packed document, unpredictable from this one) are ignored (-100)."""
-    buf = np.stack([np.asarray(data[o:o + seq_len + 1], dtype=np.int64) for o in offsets])
-    buf = torch.from_numpy(buf).to(device)
-    x, y = buf[:, :-1], buf[:, 1:].clone()
-    y[y == bos_id] = -100
-    doc_ids, positions = doc_ids_and_positions(x, bos_id)
-    return x, y, doc_ids, positions
 
 
 def parse_layer_map(spec, n_student, n_teacher):
