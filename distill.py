@@ -35,9 +35,9 @@ from configurator import (check, check_choice, check_positive, check_range, chec
 from data import load_token_shards, load_tokenizer
 from model import ModelConfig, NonFiniteError, Transformer, count_params, load_config, load_model
 from runtime import (ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
-                     config_dict, doc_ids_and_positions, grad_accum_steps, grad_sync, load_trainer_state,
-                     lr_at, make_optimizer, plot_curves, read_metrics, run_main, save_checkpoint,
-                     setup_dist, teardown_dist)
+                     config_dict, grad_accum_steps, grad_sync, load_trainer_state, lr_at, make_optimizer,
+                     plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, step_offsets,
+                     teardown_dist, windows)
 
 
 @dataclass
@@ -117,28 +117,6 @@ class DistillConfig:
                       for p in self.layer_map.split(",")), "layer_map", self.layer_map,
                   "must be auto or student:teacher pairs such as 0:0,1:2")
         check_writable_dir(self.out_dir, "out_dir")
-
-
-# ------------------------------------------------------------------------------------------------
-# The global stream of training windows. Window j of step s starts at an offset drawn from a
-# generator seeded by (seed, s) alone, so the stream is the same for 1 process or 64, and a
-# resumed run continues it exactly. Process r's micro-step m takes windows
-# [(m * world + r) * dbs, ... + dbs).
-
-def step_offsets(n_tokens, seed, step, n_windows, seq_len):
-    rng = np.random.default_rng([seed, step])
-    return rng.integers(0, n_tokens - seq_len - 1, size=n_windows)
-
-
-def windows(data, offsets, seq_len, bos_id, device):
-    """Token windows -> (x, y, doc_ids, positions). Targets that are a BOS (the start of the next
-    packed document, unpredictable from this one) are ignored (-100)."""
-    buf = np.stack([np.asarray(data[o:o + seq_len + 1], dtype=np.int64) for o in offsets])
-    buf = torch.from_numpy(buf).to(device)
-    x, y = buf[:, :-1], buf[:, 1:].clone()
-    y[y == bos_id] = -100
-    doc_ids, positions = doc_ids_and_positions(x, bos_id)
-    return x, y, doc_ids, positions
 
 
 def data_fingerprint(data):

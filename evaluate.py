@@ -3,13 +3,15 @@ evaluate.py: the two yardsticks every stage of the recipe is judged with.
 
     evaluate_problems(model, tok, problems, reasoning)   accuracy + think rate on held-out problems
     bench_decode(model, batch_size, ...)                 prefill / decode tokens per second
+    bench_decode_many({name: model}, batch_size, ...)    the same for several models, interleaved
 
 The paper reports every model with reasoning on and off (sec. 4-5 tables) and its efficiency as
 throughput (sec. 2); at nano scale the accuracy comes from data.py's verifier on the held-out test
 split and the throughput from the same KV-cache generation the recipe decodes with. sample.py
 --eval / --bench print these; sft.py and grpo.py call evaluate_problems for their periodic
-evaluations, and puzzle.py's cost model times decode steps with bench_decode, so every number in
-the report comes from one piece of code. It imports model.py and data.py, never a stage file.
+evaluations, and puzzle.py's cost model times decode steps with bench_decode_many (the same calls
+as bench_decode), so every number in the report comes from one piece of code. It imports model.py
+and data.py, never a stage file.
 """
 import statistics
 import time
@@ -165,3 +167,38 @@ def bench_compare(model, batch_size, prompt_len=32, new_tokens=128, repeats=5, s
     res["same_tokens"] = eager_tokens == compiled_tokens
     res.update(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, context=prompt_len + new_tokens)
     return res
+
+
+@torch.no_grad()
+def bench_decode_many(models, batch_size, prompt_len=32, new_tokens=128, compile=True, repeats=5, seed=0,
+                      progress=None):
+    """bench_decode for several models ({name: model}) measured together: every model is warmed
+    up (and compiled) first, then the timed calls are interleaved, repeat after repeat (model 1's
+    prefill and full call, model 2's, ...), so a machine whose load changes mid-run slows all of
+    them alike, as bench_compare does for two paths. Same prompts, calls and medians as
+    bench_decode. progress (optional): a tqdm bar, advanced once per warm-up and once per repeat
+    of each model. Returns {name: bench_decode's dict}; compile_s is each model's warm-up beyond
+    its median call, warmup_s the whole warm-up call."""
+    prompts = {k: _bench_prompts(m, batch_size, prompt_len, new_tokens, seed) for k, m in models.items()}
+    was_training = {k: m.training for k, m in models.items()}
+    warm, times = {}, {k: {"prefill": [], "total": []} for k in models}
+    for k, m in models.items():
+        m.eval()
+        warm[k] = _timed_generate(m, prompts[k], new_tokens, compile)[0]
+        if progress is not None:
+            progress.update(1)
+    for _ in range(repeats):
+        for k, m in models.items():
+            times[k]["prefill"].append(_timed_generate(m, prompts[k], 1, compile)[0])
+            times[k]["total"].append(_timed_generate(m, prompts[k], new_tokens, compile)[0])
+            if progress is not None:
+                progress.update(1)
+    out = {}
+    for k, m in models.items():
+        m.train(was_training[k])
+        prefill, total = statistics.median(times[k]["prefill"]), statistics.median(times[k]["total"])
+        out[k] = {**_rates(prompts[k], new_tokens, prefill, total), "compile_s": max(warm[k] - total, 0.0),
+                  "warmup_s": warm[k], "batch_size": batch_size, "prompt_len": prompt_len,
+                  "new_tokens": new_tokens, "context": prompt_len + new_tokens,
+                  "path": "compiled" if compile else "eager"}
+    return out

@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -276,3 +277,25 @@ def doc_ids_and_positions(x, bos_id):
     idx = torch.arange(T, device=x.device).expand(B, T)
     start = torch.where(is_bos, idx, torch.zeros_like(idx)).cummax(1).values
     return doc_ids, idx - start
+
+
+# ------------------------------------------------------------------------------------------------
+# The global stream of training windows (distill.py, puzzle.py). Window j of step s starts at an
+# offset drawn from a generator seeded by (seed, s) alone, so the stream is the same for 1 process
+# or 64, and a resumed run continues it exactly. Process r's micro-step m takes windows
+# [(m * world + r) * dbs, ... + dbs).
+
+def step_offsets(n_tokens, seed, step, n_windows, seq_len):
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, n_tokens - seq_len - 1, size=n_windows)
+
+
+def windows(data, offsets, seq_len, bos_id, device):
+    """Token windows -> (x, y, doc_ids, positions). Targets that are a BOS (the start of the next
+    packed document, unpredictable from this one) are ignored (-100)."""
+    buf = np.stack([np.asarray(data[o:o + seq_len + 1], dtype=np.int64) for o in offsets])
+    buf = torch.from_numpy(buf).to(device)
+    x, y = buf[:, :-1], buf[:, 1:].clone()
+    y[y == bos_id] = -100
+    doc_ids, positions = doc_ids_and_positions(x, bos_id)
+    return x, y, doc_ids, positions
