@@ -896,6 +896,8 @@ def load_sft_jsonl(path, tokenizer=None, max_len=None):
             raise DataError(f"{path}:{lineno}: field 'input' must end with a user turn")
         if output.endswith("<|eot_id|>"):       # first-release rows may carry the closing token
             output = output[:-len("<|eot_id|>")]
+        if not output.strip():  # else the sample would train only "end the turn at once"
+            raise DataError(f"{path}:{lineno}: field 'output' is empty: the sample has no assistant response")
         messages = ([{"role": "system", "content": system or f"detailed thinking {reasoning}"}]
                     + [{"role": m["role"], "content": m["content"]} for m in msgs]
                     + [{"role": "assistant", "content": output}])

@@ -1,0 +1,554 @@
+"""
+sft.py: reasoning SFT with the "detailed thinking on/off" toggle (paper sec. 4).
+
+Llama-Nemotron learns to reason (`<think>...</think>`, then the answer) when the system prompt says
+`detailed thinking on` and to answer directly when it says `detailed thinking off` from paired
+data: the same prompts with both kinds of response. The loss is token-level cross-entropy on the
+assistant tokens only, over packed sequences, with a cosine schedule and ~10% warmup (the paper's
+LN-Nano: 4 epochs at 1e-4, global batch 256 samples, 32k-token packed rows).
+
+    python sft.py                                         # nano recipe: out/child + out/data -> out/sft
+    python sft.py --init_from=out/parent --out_dir=out/sft_parent
+    python sft.py --data=math.jsonl:0.7,chat.jsonl:0.3 --val_data=val.jsonl --init_from=hf/Llama-3.2-1B-Instruct
+    torchrun --standalone --nproc_per_node=8 sft.py --device_batch_size=4 ...   # the same run on 8 processes
+    python sft.py --resume=True                           # continue an interrupted (or --stop_after) run exactly
+
+Data: JSONL files in the Llama-Nemotron-Post-Training-Dataset schema (`input` a message list or a
+string with Llama 3 chat markup; `output`; `reasoning` on|off), read by data.load_sft_jsonl and
+rendered with the chat template of the starting checkpoint's own tokenizer (a Hugging Face folder
+brings its own). Several files are mixed by weight: `--data=a.jsonl:0.7,b.jsonl:0.3` (one file
+needs no weight): each epoch holds as many samples as all files together, 70% of them from a
+(repeated or subsampled as needed) and 30% from b. Samples are never truncated:
+  - longer than --seq_len: dropped, and counted per file (stderr and metrics.jsonl);
+  - an output whose format contradicts its `reasoning` field (data.check_format: "on" needs one
+    leading think block and an answer, "off" no think tags): dropped and counted, with the first
+    line, since training on it would teach the wrong side of the toggle;
+  - a token id outside the model's vocabulary, an empty output, a conversation that does not end
+    with a user turn, an unknown `reasoning`, invalid JSON: an error naming file and line.
+
+Packing: the samples of an epoch (shuffled) go into rows of --seq_len tokens, first fit over the
+last 64 open rows; every sample is its own document (doc_ids: no attention across samples) with
+RoPE positions restarting at 0; the tail of a row is a pad document whose targets are ignored.
+
+Reads: --init_from (any checkpoint model.py loads, with its tokenizer), --data, --val_data, the
+held-out "val" split of data.py's task world for the generation evals. Writes to --out_dir:
+config.json + model.safetensors + tokenizer (a checkpoint sample.py can load), trainer_state.pt
+(for --resume=True), train_config.json, metrics.jsonl, loss.png, accuracy.png, accuracy_by_k.png.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
+                          check_writable_dir)
+from data import ADD_TASK, DataError, check_format, heldout_problems, load_sft_jsonl, load_tokenizer
+from evaluate import evaluate_problems
+from model import CheckpointError, NonFiniteError, count_params, load_config, load_model
+from runtime import (MetricsLog, autocast, chunked_cross_entropy, config_dict, grad_accum_steps, grad_sync,
+                     load_trainer_state, lr_at, make_optimizer, plot_curves, read_metrics, run_main,
+                     save_checkpoint, setup_dist, teardown_dist)
+
+
+@dataclass
+class SFTConfig:
+    # data (data.py writes the nano world's: 20k rows, ~1M tokens, each prompt once "on", once "off")
+    data: str = "out/data/sft_train.jsonl"     # path[:weight],path[:weight],...
+    val_data: str = "out/data/sft_val.jsonl"   # held-out loss ("" = none)
+    seq_len: int = 0                           # packed row length; 0 = the model's context (256)
+    # model
+    init_from: str = "out/child"               # the Puzzle child after KD (any model.py checkpoint)
+    # optimisation
+    epochs: float = 3.0                        # passes over the data (~3M tokens, ~4 min here)
+    max_steps: int = 0                         # > 0: run this many steps instead of --epochs
+    total_batch_size: int = 8192               # tokens per optimizer step (32 rows x 256, ~150 samples)
+    device_batch_size: int = 16                # rows per micro-step per process
+    stop_after: int = 0                        # end this invocation after N more steps (then --resume)
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1
+    warmup_frac: float = 0.1                   # the paper's ~10% warmup
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    vocab_chunk: int = 4096                    # tokens per chunk of the vocabulary-sized loss
+    # evaluation
+    eval_interval: int = 100                   # every N steps (and at start and end); 0 = only at the end
+    eval_rows: int = 256                       # packed rows of --val_data for the held-out loss (0 = all)
+    eval_problems: int = 100                   # held-out "val" problems per mode (0 = no generation eval)
+    eval_max_new_tokens: int = 128             # a k=8 chain with reasoning is ~80 tokens
+    # runtime
+    device: str = "auto"                       # auto | cpu | cuda
+    compile: bool = False
+    seed: int = 1337
+    out_dir: str = "out/sft"
+    resume: bool = False
+    ckpt_interval: int = 0                     # also checkpoint every N steps (0 = only at the end)
+    log_interval: int = 10
+
+    def validate(self):
+        sources = parse_data_spec(self.data)
+        for path, _ in sources:
+            check_readable(path, "data")
+        if self.val_data:
+            check_readable(self.val_data, "val_data")
+        check_readable(self.init_from, "init_from", "dir")
+        try:
+            context = load_config(self.init_from).max_position_embeddings
+        except CheckpointError as e:
+            raise ConfigError(f"--init_from={self.init_from}: {e}") from None
+        check(tokenizer_file(self.init_from) is not None, "init_from", self.init_from,
+              "the checkpoint has no tokenizer (tokenizer.model at its root or under original/); the "
+              "rows are rendered with the starting model's own tokenizer, so copy the one it was trained with into it")
+        if self.seq_len == 0:
+            self.seq_len = context  # resolved here, so train_config.json records the real length
+        check_range(self, "seq_len", 8, context)
+        check_positive(self, "epochs", "total_batch_size", "device_batch_size", "lr", "grad_clip",
+                       "vocab_chunk", "eval_max_new_tokens", "log_interval")
+        for name in ("max_steps", "stop_after", "eval_interval", "eval_rows", "eval_problems", "ckpt_interval",
+                     "weight_decay"):
+            check_range(self, name, 0)
+        check_range(self, "min_lr_frac", 0, 1)
+        check_range(self, "warmup_frac", 0, 1, hi_open=True)
+        check(self.total_batch_size % (self.device_batch_size * self.seq_len) == 0, "total_batch_size",
+              self.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
+              f"{self.device_batch_size} * {self.seq_len}")
+        check_choice(self, "device", ("auto", "cpu", "cuda"))
+        check_writable_dir(self.out_dir, "out_dir")
+        check(os.path.realpath(self.out_dir) != os.path.realpath(self.init_from), "out_dir", self.out_dir,
+              "must differ from --init_from (the run would overwrite its starting checkpoint)")
+
+
+def tokenizer_file(folder):
+    for cand in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+        if os.path.isfile(os.path.join(folder, cand)):
+            return os.path.join(folder, cand)
+    return None
+
+
+def parse_data_spec(spec):
+    """'a.jsonl:0.7,b.jsonl:0.3' -> [(path, weight)]. One file needs no weight (1.0); several
+    each need one. Weights are relative (normalised to sum 1)."""
+    out = []
+    for part in spec.split(","):
+        path, weight = part.strip(), None
+        if ":" in path:
+            head, tail = path.rsplit(":", 1)
+            try:
+                weight = float(tail)
+                path = head
+            except ValueError:
+                pass  # a ':' that belongs to the path
+        if not path:
+            raise ConfigError(f"--data={spec!r}: empty file name in {part!r}")
+        if weight is not None and not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"--data={spec!r}: the weight of {path} must be a positive number, got {tail!r}")
+        out.append((path, weight))
+    if len(out) > 1 and any(w is None for _, w in out):
+        raise ConfigError(f"--data={spec!r}: with several files, give each a weight (path:weight,...)")
+    return [(p, 1.0 if w is None else w) for p, w in out]
+
+
+# ------------------------------------------------------------------------------------------------
+# Samples: rendered with the chat template, checked, as (ids, targets) arrays. targets[j] is the
+# token at j+1 where it is an assistant token (render_chat's mask shifted by one), else -100: the
+# loss is on the assistant's content and its closing <|eot_id|>, never on the prompt.
+
+class Source:
+    def __init__(self, path, weight, tok, seq_len, vocab_size):
+        self.path, self.weight = path, weight
+        self.ids, self.targets = [], []
+        self.dropped_long = self.dropped_format = 0
+        self.first_format_line = None
+        self.longest = 0
+        for ex in load_sft_jsonl(path, tok):
+            ids = ex["ids"]
+            top = max(ids)
+            if top >= vocab_size:
+                raise DataError(f"{path}:{ex['line']}: token id {top} ({tok.decode([top])!r}) is outside the "
+                                f"model's vocabulary of {vocab_size}")
+            self.longest = max(self.longest, len(ids))
+            if not check_format(ex["messages"][-1]["content"], ex["reasoning"]):
+                self.dropped_format += 1
+                self.first_format_line = self.first_format_line or ex["line"]
+                continue
+            if len(ids) > seq_len:
+                self.dropped_long += 1
+                continue
+            ids = np.asarray(ids, dtype=np.int64)
+            self.ids.append(ids)
+            self.targets.append(np.where(np.asarray(ex["mask"][1:]) == 1, ids[1:], -100))
+        self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
+        self.n_targets = np.array([int((t != -100).sum()) for t in self.targets], dtype=np.int64)
+        if not self.ids:
+            raise DataError(f"{path}: no usable samples ({self.dropped_long} longer than --seq_len={seq_len}, "
+                            f"{self.dropped_format} whose output contradicts their 'reasoning' field)")
+
+    def __len__(self):
+        return len(self.ids)
+
+    def report(self):
+        """The counts a user must see: what was read, what was dropped and why."""
+        line = (f"{self.path}: {len(self)} samples, {int(self.lengths.sum()):,} tokens "
+                f"({int(self.n_targets.sum()):,} assistant targets); dropped {self.dropped_long} longer than "
+                f"seq_len (longest {self.longest}), {self.dropped_format} with a format that contradicts 'reasoning'")
+        if self.first_format_line:
+            line += f" (first: line {self.first_format_line})"
+        return line
+
+    def stats(self):
+        return {"samples": len(self), "tokens": int(self.lengths.sum()), "targets": int(self.n_targets.sum()),
+                "dropped_long": self.dropped_long, "dropped_format": self.dropped_format}
+
+
+# ------------------------------------------------------------------------------------------------
+# The global stream of packed rows. Everything below is a pure function of (data, seed): every
+# process builds the same stream, so each knows every step's rows and its global count of
+# assistant targets without communication, and a resumed run continues the stream exactly.
+# Process r's micro-step m takes rows [(m * world + r) * dbs, ... + dbs) of the step (as distill.py).
+
+def mixture_counts(sizes, weights):
+    """Samples per source in one epoch: the epoch holds sum(sizes) samples, split by weight
+    (largest remainder, so the counts add up exactly)."""
+    total = sum(sizes)
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    raw = w * total
+    counts = np.floor(raw).astype(np.int64)
+    for i in np.argsort(-(raw - counts), kind="stable")[:total - counts.sum()]:
+        counts[i] += 1
+    return counts
+
+
+def source_picks(n, seed, src, start, count):
+    """Positions start..start+count of source src's endless stream: one fresh permutation of its
+    n samples per pass, so a source is seen evenly however often the mixture repeats it."""
+    out, p, off = [], start // n, start % n
+    while count > 0:
+        take = np.random.default_rng([seed, 0, src, p]).permutation(n)[off:off + count]
+        out.append(take)
+        count, p, off = count - len(take), p + 1, 0
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def pack(lengths, seq_len, window=64):
+    """First fit: each sample (in the given order) goes into the first of the open rows with room,
+    else opens a new row; a row closes when full (no room for the shortest sample) or when it
+    is the oldest of more than `window` open rows. The window keeps the shuffled order (rows do
+    not sort samples by length) and leaves little padding (~1-2% on the nano data, ~10% for
+    filling rows strictly in order). Returns rows as lists of indices into lengths."""
+    shortest = int(min(lengths)) if len(lengths) else 1
+    rows, open_rows, room = [], [], []
+    for j, n in enumerate(lengths):
+        n = int(n)
+        for r, space in enumerate(room):
+            if space >= n:
+                break
+        else:
+            r = len(room)
+            open_rows.append([])
+            room.append(seq_len)
+        open_rows[r].append(j)
+        room[r] -= n
+        if room[r] < shortest or len(room) > window:
+            c = r if room[r] < shortest else 0
+            rows.append(open_rows.pop(c))
+            room.pop(c)
+    return rows + open_rows
+
+
+class RowStream:
+    """Rows of the training stream: epoch after epoch, each epoch's samples (mixture_counts of
+    every source, from its own stream) shuffled and packed. Rows are (source, index) lists."""
+
+    def __init__(self, sources, seq_len, seed):
+        self.sources, self.seq_len, self.seed = sources, seq_len, seed
+        self.counts = mixture_counts([len(s) for s in sources], [s.weight for s in sources])
+        self.epochs = []  # packed rows of epochs 0, 1, ... (built on demand)
+        zero = [s.path for s, c in zip(sources, self.counts) if c == 0]
+        if zero:
+            raise ConfigError(f"--data: the weights leave no sample of {zero} in an epoch of {sum(self.counts)}")
+
+    def epoch(self, e):
+        while len(self.epochs) <= e:
+            k = len(self.epochs)
+            picks = [(i, j) for i, (s, c) in enumerate(zip(self.sources, self.counts))
+                     for j in source_picks(len(s), self.seed, i, k * int(c), int(c))]
+            order = np.random.default_rng([self.seed, 1, k]).permutation(len(picks))
+            picks = [picks[o] for o in order]
+            lengths = [self.sources[i].lengths[j] for i, j in picks]
+            self.epochs.append([[picks[j] for j in row] for row in pack(lengths, self.seq_len)])
+        return self.epochs[e]
+
+    def rows(self, start, n):
+        """Rows start..start+n-1 of the stream (crossing epoch boundaries)."""
+        out, e, first = [], 0, 0
+        while len(out) < n:
+            rows = self.epoch(e)
+            if start + len(out) < first + len(rows):
+                a = start + len(out) - first
+                out += rows[a:a + n - len(out)]
+            first += len(rows)
+            e += 1
+        return out
+
+    def rows_in_epochs(self, epochs):
+        """Rows in the first `epochs` (fractional) epochs."""
+        whole, frac = int(epochs), epochs - int(epochs)
+        return sum(len(self.epoch(e)) for e in range(whole)) + (int(frac * len(self.epoch(whole))) if frac else 0)
+
+    def n_targets(self, rows):
+        return int(sum(self.sources[i].n_targets[j] for row in rows for i, j in row))
+
+
+def make_batch(rows, sources, seq_len, pad_id, device):
+    """Packed rows -> x, y (targets, -100 = no loss), doc_ids, positions, each (B, seq_len).
+    Sample d of a row is document d, with positions 0..len-1; the rest of the row is a pad
+    document (id = number of samples) whose targets are ignored."""
+    B = len(rows)
+    x = np.full((B, seq_len), pad_id, dtype=np.int64)
+    y = np.full((B, seq_len), -100, dtype=np.int64)
+    doc = np.zeros((B, seq_len), dtype=np.int64)
+    pos = np.zeros((B, seq_len), dtype=np.int64)
+    for b, row in enumerate(rows):
+        t = 0
+        for d, (i, j) in enumerate(row):
+            ids, tgt = sources[i].ids[j], sources[i].targets[j]
+            n = len(ids)
+            x[b, t:t + n], y[b, t:t + n - 1], doc[b, t:t + n], pos[b, t:t + n] = ids, tgt, d, np.arange(n)
+            t += n
+        doc[b, t:], pos[b, t:] = len(row), np.arange(seq_len - t)
+    return tuple(torch.from_numpy(a).to(device) for a in (x, y, doc, pos))
+
+
+def loss_sum(model, x, y, doc, pos, vocab_chunk):
+    """Sum over the batch of the assistant-token cross-entropy (the caller divides by the global
+    count of assistant targets)."""
+    raw = getattr(model, "module", model)
+    raw = getattr(raw, "_orig_mod", raw)
+    h = model(x, doc, pos, head=False)
+    return chunked_cross_entropy(h, raw.lm_head.weight, y, vocab_chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: held-out loss, and generation in both modes with the verifier (evaluate.py: the same
+# function sample.py --eval uses). The problems are a fixed sample of data.py's "val" split, so
+# runs with other seeds or settings are compared on the same problems.
+
+EVAL_SEED = 1337
+
+
+@torch.no_grad()
+def val_loss(model, val_rows, val_sources, cfg, pad_id, device):
+    """Mean cross-entropy per assistant target token over the packed rows of --val_data."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(val_rows), cfg.device_batch_size):
+        rows = val_rows[i:i + cfg.device_batch_size]
+        x, y, doc, pos = make_batch(rows, val_sources, cfg.seq_len, pad_id, device)
+        with autocast(device):
+            total += float(loss_sum(model, x, y, doc, pos, cfg.vocab_chunk))
+        n += int((y != -100).sum())
+    model.train()
+    return total / n
+
+
+def generation_eval(model, tok, problems, cfg):
+    """accuracy / think rate in both modes, with accuracy by chain length and by task."""
+    row = {}
+    longest = max(len(tok.render_prompt(p["prompt"], "on")) for p in problems)
+    n_new = min(cfg.eval_max_new_tokens, model.config.max_position_embeddings - longest + 1)
+    for mode in ("on", "off"):
+        res = evaluate_problems(model, tok, problems, mode, n_new, batch_size=64, compile=cfg.compile)
+        row[f"accuracy_{mode}"], row[f"think_rate_{mode}"] = res["accuracy"], res["think_rate"]
+        row[f"truncated_{mode}"] = res["truncated"]
+        row.update({f"acc_{mode}_k{k}": v for k, v in res["by_k"].items()})
+        row.update({f"acc_{mode}_{t}": v for t, v in res["by_task"].items() if t != ADD_TASK})
+    return row
+
+
+def evaluate(model, tok, val_rows, val_sources, problems, cfg, device, pad_id):
+    row = {}
+    if val_rows:
+        row["val_loss"] = val_loss(model, val_rows, val_sources, cfg, pad_id, device)
+    if problems:
+        row.update(generation_eval(model, tok, problems, cfg))
+    return row
+
+
+def describe_eval(row):
+    parts = [f"val_loss {row['val_loss']:.4f}"] if "val_loss" in row else []
+    for mode in ("on", "off"):
+        if f"accuracy_{mode}" in row:
+            ks = " ".join(f"{k[len(f'acc_{mode}_'):]}={v:.2f}" for k, v in row.items()
+                          if k.startswith(f"acc_{mode}_k"))
+            parts.append(f"{mode}: acc {row[f'accuracy_{mode}']:.3f} think {row[f'think_rate_{mode}']:.3f} ({ks})")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# What a resumed run must share with the run it continues: the data stream and the LR schedule.
+RESUME_KEYS = ("init_from", "data", "seed", "seq_len", "total_batch_size", "epochs", "max_steps", "lr",
+               "warmup_frac", "min_lr_frac", "weight_decay")
+
+
+def load_for_resume(cfg, model_cfg, data_stats, max_steps):
+    """The checkpoint in out_dir, checked against this run: same architecture, same run, same data."""
+    state = load_trainer_state(cfg.out_dir)
+    if load_config(cfg.out_dir) != model_cfg:
+        raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture than "
+                          f"--init_from={cfg.init_from}")
+    with open(os.path.join(cfg.out_dir, "train_config.json")) as f:
+        before = json.load(f)
+    changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if before.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
+    if state["extra"].get("data") != data_stats:
+        raise ConfigError(f"--resume=True: the data files changed since the checkpoint in {cfg.out_dir} was written "
+                          f"(then: {state['extra'].get('data')}, now: {data_stats})")
+    if state["step"] >= max_steps:
+        raise ConfigError(f"--resume=True: {cfg.out_dir} is already at step {state['step']} of {max_steps}")
+    return load_model(cfg.out_dir), state
+
+
+def main(cfg):
+    dist = setup_dist(cfg.device)
+    device, master = dist.device, dist.master
+    torch.manual_seed(cfg.seed)
+    say = (lambda msg: print(f"[sft] {msg}", file=sys.stderr)) if master else (lambda msg: None)
+
+    # The starting model and its own tokenizer: the rows are rendered with it.
+    model = load_model(cfg.init_from)
+    mcfg = model.config
+    tok = load_tokenizer(cfg.init_from)
+    V = mcfg.vocab_size
+    pad_id = tok.pad_id if tok.pad_id < V else 0  # any id: the pad document is masked and has no targets
+    t0 = time.time()
+    sources = [Source(p, w, tok, cfg.seq_len, V) for p, w in parse_data_spec(cfg.data)]
+    val_sources = [Source(cfg.val_data, 1.0, tok, cfg.seq_len, V)] if cfg.val_data else []
+    for s in sources + val_sources:
+        say(s.report())
+    stream = RowStream(sources, cfg.seq_len, cfg.seed)
+    val_rows = []
+    if val_sources:  # in file order, packed the same way; the first eval_rows rows
+        vs = val_sources[0]
+        val_rows = [[(0, j) for j in row] for row in pack(vs.lengths, cfg.seq_len)]
+        val_rows = val_rows[:cfg.eval_rows] if cfg.eval_rows else val_rows
+    problems = []
+    if cfg.eval_problems:
+        try:
+            problems = heldout_problems("val", cfg.eval_problems, EVAL_SEED)
+        except ValueError as e:
+            raise ConfigError(f"--eval_problems={cfg.eval_problems}: {e}") from None
+
+    rows_per_step = cfg.total_batch_size // cfg.seq_len
+    accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, dist.world_size)
+    max_steps = cfg.max_steps or stream.rows_in_epochs(cfg.epochs) // rows_per_step
+    if max_steps < 1:
+        raise ConfigError(f"--epochs={cfg.epochs} of {cfg.data} is {stream.rows_in_epochs(cfg.epochs)} rows, fewer "
+                          f"than one step of --total_batch_size={cfg.total_batch_size} ({rows_per_step} rows)")
+    epoch_rows = len(stream.epoch(0))
+    fill = sum(s.lengths.mean() * c for s, c in zip(sources, stream.counts))  # sample tokens per epoch
+    data_stats = {s.path: s.stats() for s in sources}
+    warmup = round(cfg.warmup_frac * max_steps)
+    say(f"{count_params(mcfg):,} params ({cfg.init_from}); epoch = {int(sum(stream.counts)):,} samples in "
+        f"{epoch_rows:,} rows of {cfg.seq_len} ({fill / (epoch_rows * cfg.seq_len):.1%} filled); "
+        f"{max_steps} steps = {max_steps * rows_per_step / epoch_rows:.2f} epochs; data ready in {time.time() - t0:.1f} s")
+
+    start_step, state = 0, None
+    if cfg.resume:
+        model, state = load_for_resume(cfg, mcfg, data_stats, max_steps)
+        start_step = state["step"]
+    model.to(device)
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
+                    broadcast_buffers=False)
+    opt = make_optimizer(raw, cfg.lr, cfg.weight_decay, device=device)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+    end = min(max_steps, start_step + cfg.stop_after) if cfg.stop_after else max_steps
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master, append=cfg.resume)
+    if not cfg.resume:
+        log.log(step=0, data={s.path: s.stats() for s in sources + val_sources})
+    say(f"{dist.world_size} process(es) on {device}; {accum} micro-steps x {cfg.device_batch_size} rows x "
+        f"{cfg.seq_len} tokens = {cfg.total_batch_size} tokens/step; lr {cfg.lr} (warmup {warmup} steps, cosine); "
+        f"steps {start_step}->{end}")
+    if master and start_step == 0 and cfg.eval_interval:  # where the curves start
+        row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
+        log.log(step=0, **row)
+        say(f"step 0: {describe_eval(row)}")
+
+    bar = tqdm(range(start_step, end), disable=not master, desc="sft", initial=start_step, total=end)
+    train_time, tokens_since, real_since = 0.0, 0, 0
+    for step in bar:
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step and master:
+            row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
+            log.log(step=step, **row)
+            bar.write(f"[sft] step {step}: {describe_eval(row)}", file=sys.stderr)
+        t0 = time.time()
+        lr = lr_at(step, max_steps, cfg.lr, warmup, cfg.min_lr_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rows = stream.rows(step * rows_per_step, rows_per_step)
+        # The loss is the mean over the assistant tokens of the whole global batch: each process
+        # divides its sum by the global count (known to all: the stream is), and DDP averages
+        # gradients over processes, hence the factor world_size. A sample's weight is its number
+        # of assistant tokens, however the batch is split into processes and micro-steps.
+        n_targets = stream.n_targets(rows)
+        logged = torch.zeros((), device=device)
+        for m in range(accum):
+            first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
+            x, y, doc, pos = make_batch(rows[first:first + cfg.device_batch_size], sources, cfg.seq_len,
+                                        pad_id, device)
+            with grad_sync(model, m == accum - 1):
+                with autocast(device):
+                    part = loss_sum(model, x, y, doc, pos, cfg.vocab_chunk) / n_targets
+                (part * dist.world_size).backward()
+            logged += part.detach()
+        if dist.ddp:  # every process holds its share of the global mean
+            torch.distributed.all_reduce(logged)
+        loss = float(logged)
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"step {step}: the SFT loss is not finite ({loss}); lower --lr")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        train_time += time.time() - t0  # tokens/s counts training only, not evals or checkpoints
+        tokens_since += cfg.total_batch_size
+        real_since += sum(int(sources[i].lengths[j]) for row in rows for i, j in row)
+        if master and ((step + 1) % cfg.log_interval == 0 or step + 1 == end):
+            row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "train_loss": loss,
+                   "epoch": (step + 1) * rows_per_step / epoch_rows, "tokens_per_s": tokens_since / train_time,
+                   "fill": real_since / tokens_since}
+            log.log(**row)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            train_time, tokens_since, real_since = 0.0, 0, 0
+        if master and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
+            save_checkpoint(cfg.out_dir, raw, opt, step + 1, cfg, tok, extra={"data": data_stats})
+    if master:
+        save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok, extra={"data": data_stats})
+        if end == max_steps:
+            row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
+            log.log(step=end, **row)
+            say(f"step {end}: {describe_eval(row)}")
+        rows = read_metrics(log.path)
+        title = f"sft.py: {cfg.out_dir}"
+        plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, ["train_loss", "val_loss"], title=title)
+        if problems:
+            plot_curves(os.path.join(cfg.out_dir, "accuracy.png"), rows,
+                        ["accuracy_on", "accuracy_off", "think_rate_on", "think_rate_off"], title=title)
+            ks = sorted({k for r in rows for k in r if k.startswith("acc_on_k")}, key=lambda k: int(k[8:]))
+            plot_curves(os.path.join(cfg.out_dir, "accuracy_by_k.png"), rows, ks, title=title + " (reasoning on)")
+        say(f"saved {cfg.out_dir} at step {end}")
+    teardown_dist(dist)
+
+
+if __name__ == "__main__":
+    run_main(main, SFTConfig)
