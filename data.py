@@ -926,11 +926,15 @@ def write_rl_jsonl(problems, path):
 
 
 def load_rl_jsonl(path):
-    """RL prompt JSONL -> list of dicts; checks prompt/answer are strings, pass_rate in [0, 1]."""
+    """RL prompt JSONL -> list of dicts; checks prompt/answer are strings, the optional reasoning
+    is "on" or "off" and the optional pass_rate in [0, 1]."""
     out = []
     for lineno, row in _read_jsonl(path):
         _field(row, "prompt", str, path, lineno)
         _field(row, "answer", str, path, lineno)
+        if "reasoning" in row and row["reasoning"] not in ("on", "off"):
+            raise DataError(f"{path}:{lineno}: field 'reasoning' must be 'on' or 'off', got "
+                            f"{row['reasoning']!r}")
         if "pass_rate" in row:
             pr = row["pass_rate"]
             if not isinstance(pr, (int, float)) or isinstance(pr, bool) or not 0 <= pr <= 1:
