@@ -108,7 +108,7 @@ def test_kd_loss_matches_direct_computation():
 
 
 def test_kd_moves_student_toward_teacher(data_dir, tmp_path):
-    run(data_dir, tmp_path / "parent", "--max_steps=8")
+    run(data_dir, tmp_path / "parent", "--max_steps=8", "--lr=2e-2")  # a teacher far from uniform
     child = tmp_path / "child"
     run(data_dir, child, "--max_steps=1", "--n_layer=1", "--lr=1e-9")  # a fresh 1-layer student
     kd = ["--teacher=" + str(tmp_path / "parent"), "--init_from=" + str(child), "--n_layer=1",
