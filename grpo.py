@@ -46,8 +46,10 @@ Reads: --init_from (a checkpoint folder with its tokenizer: the prompts are rend
 the held-out "val" split of data.py's task world for the periodic evaluations. Writes to --out_dir:
 config.json + model.safetensors + tokenizer (sample.py loads it), trainer_state.pt (--resume),
 train_config.json, prefilter.jsonl (every prefiltered prompt with its pass rate and whether it was
-kept: a valid --data file that skips the sampling), metrics.jsonl, reward.png, eval.png.
+kept: a valid --data file that skips the sampling), metrics.jsonl, reward.png (rollout rewards and
+held-out accuracy per step), eval.png (held-out accuracy and think rates, by chain length k).
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -66,8 +68,8 @@ from configurator import (ConfigError, check, check_choice, check_positive, chec
 from data import ADD_TASK, DataError, check_format, heldout_problems, load_rl_jsonl, load_tokenizer, verify
 from evaluate import evaluate_problems
 from model import NonFiniteError, count_params, load_config, load_model
-from runtime import (MetricsLog, load_trainer_state, lr_at, make_optimizer, plot_curves, read_metrics, run_main,
-                     save_checkpoint, setup_dist, teardown_dist)
+from runtime import (MetricsLog, load_trainer_state, lr_at, make_optimizer, pick_device, plot_curves, read_metrics,
+                     run_main, save_checkpoint, setup_dist, teardown_dist)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class GRPOConfig:
     # prefiltering with the starting model (paper: 8 samples per prompt, drop pass rate >= 0.75)
     prefilter_samples: int = 8              # 0 = no prefiltering (rows keep a pass_rate they carry)
     max_pass_rate: float = 0.75
+    min_pass_rate: float = 0.0              # also drop prompts solved less often than this (see prefilter)
     pool_size: int = 0                      # prompts to keep; 0 = prompts_per_step * max_steps (each
                                             # kept prompt drawn about once). Prefiltering stops there.
     # rollouts (paper: 72 prompts x 16 samples, temperature 1, top-p 1)
@@ -115,7 +118,10 @@ class GRPOConfig:
     eval_max_new_tokens: int = 128
     # runtime
     device: str = "auto"                    # auto | cpu | cuda
-    compile: bool = True                    # the decode step of rollouts and evals as one compiled graph
+    compile: bool | None = None             # the decode step of rollouts and evals as one compiled graph;
+                                            # None: on a GPU (CUDA graphs), not on a CPU, where at 64 rows
+                                            # it saved only ~15% of decode time (2.05 vs 2.4 s for 96 steps)
+                                            # for >= 20 s of compiling per graph (rollouts, eval: two)
     seed: int = 1337
     resume: bool = False
     ckpt_interval: int = 0                  # also checkpoint every N steps (0 = only at the end)
@@ -137,6 +143,7 @@ class GRPOConfig:
             check_range(self, name, 0)
         check_range(self, "prefilter_samples", 0, self.gen_groups * self.group_size)
         check_range(self, "max_pass_rate", 0, 1, lo_open=True)
+        check_range(self, "min_pass_rate", 0, self.max_pass_rate, hi_open=True)
         check_range(self, "top_p", 0, 1, lo_open=True)
         check_range(self, "on_fraction", 0, 1)
         check_range(self, "eps_low", 0, 1, lo_open=True, hi_open=True)
@@ -145,6 +152,8 @@ class GRPOConfig:
         check(self.updates_per_rollout <= self.prompts_per_step, "updates_per_rollout", self.updates_per_rollout,
               f"each update trains on its share of the groups: at most --prompts_per_step={self.prompts_per_step}")
         check_choice(self, "device", ("auto", "cpu", "cuda"))
+        if self.compile is None:  # resolved here, so train_config.json records what ran
+            self.compile = pick_device(self.device) == "cuda"
         check_writable_dir(self.out_dir, "out_dir")
         check(os.path.realpath(self.out_dir) != os.path.realpath(self.init_from), "out_dir", self.out_dir,
               "must differ from --init_from (the run would overwrite its starting checkpoint)")
@@ -228,11 +237,12 @@ def token_level_loss(per_token, mask, n_tokens):
     return (per_token * mask).sum() / n_tokens
 
 
-def sequence_logprobs(model, x, y, n_vocab, entropy=False):
-    """log pi(y_t | x_<=t) (B, T) of the targets under the model, over the tokenizer's n_vocab ids
-    (what generate(vocab_limit=n_vocab) samples from) [and the entropy (B, T) of each next-token
-    distribution]. Holds B x T x V fp32 logits: with a 128k vocabulary keep device_batch_size small."""
-    logp_all = F.log_softmax(model(x)[..., :n_vocab].float(), dim=-1)
+def sequence_logprobs(model, x, y, n_vocab, temperature=1.0, entropy=False):
+    """log pi(y_t | x_<=t) (B, T) of the targets under the policy that samples: the model's logits
+    over the tokenizer's n_vocab ids (what generate(vocab_limit=n_vocab) samples from) divided by
+    the sampling temperature [and the entropy (B, T) of each next-token distribution]. Holds
+    B x T x V fp32 logits: with a 128k vocabulary keep device_batch_size small."""
+    logp_all = F.log_softmax(model(x)[..., :n_vocab].float() / temperature, dim=-1)
     logp = logp_all.gather(-1, y[..., None])[..., 0]
     if entropy:
         return logp, -(logp_all.exp() * logp_all).sum(-1)
@@ -332,7 +342,7 @@ def prefilter(model, tok, rows, cfg, dist, say):
                 rate = float(passes[j, k])
                 rate = rows[i]["pass_rate"] if "pass_rate" in rows[i] else (None if math.isnan(rate) else rate)
                 n_sampled += "pass_rate" not in rows[i] and cfg.prefilter_samples > 0
-                keep = rate is None or rate < cfg.max_pass_rate
+                keep = rate is None or cfg.min_pass_rate <= rate < cfg.max_pass_rate
                 scanned.append((int(i), rate, keep))
                 if keep:
                     pool.append((int(i), rate))
@@ -474,11 +484,11 @@ def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist
         for mbs in updates:
             old.append([]), ref.append([])
             for x, y, mask, _ in mbs:
-                logp, ent = sequence_logprobs(model, x, y, tok.n_vocab, entropy=True)
+                logp, ent = sequence_logprobs(model, x, y, tok.n_vocab, cfg.temperature, entropy=True)
                 old[-1].append(logp)
                 sums["entropy_sum"] += float((ent * mask).sum())
                 if reference is not None:
-                    ref[-1].append(sequence_logprobs(reference, x, y, tok.n_vocab))
+                    ref[-1].append(sequence_logprobs(reference, x, y, tok.n_vocab, cfg.temperature))
     model.train()
     for u, mbs in enumerate(updates):
         n_tokens = all_sum(dist, {"n": sum(float(m[2].sum()) for m in mbs)}, device)["n"]
@@ -490,7 +500,7 @@ def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist
         for group in opt.param_groups:
             group["lr"] = lr
         for m, (x, y, mask, a) in enumerate(mbs):
-            logp = sequence_logprobs(model, x, y, tok.n_vocab)
+            logp = sequence_logprobs(model, x, y, tok.n_vocab, cfg.temperature)
             per_token, clipped = clipped_surrogate(logp, old[u][m], a, cfg.eps_low, cfg.eps_high)
             if reference is not None:
                 kl_ref = k3(ref[u][m] - logp)  # KL(pi || pi_ref), samples from (nearly) pi
@@ -540,10 +550,32 @@ def describe_eval(row):
     return "; ".join(parts)
 
 
+class PhaseClock:
+    """Seconds per phase of the run (prefilter, rollout, train, eval), wall clock and CPU time of
+    this process. On a machine shared with other jobs the wall clock stretches and the CPU time
+    does not: with one thread (OMP_NUM_THREADS=1) it is what the wall clock would read alone."""
+
+    def __init__(self, totals=None):
+        self.totals, self.last = dict(totals or {}), {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.last = {f"{phase}_s": time.perf_counter() - wall, f"{phase}_cpu_s": time.process_time() - cpu}
+        for k, v in self.last.items():
+            self.totals[k] = self.totals.get(k, 0.0) + v
+
+    def describe(self):
+        phases = [k[:-2] for k in self.totals if not k.endswith("_cpu_s")]
+        return ", ".join(f"{p} {self.totals[p + '_s']:.1f} s (cpu {self.totals[p + '_cpu_s']:.1f})" for p in phases)
+
+
 # ------------------------------------------------------------------------------------------------
 # What a resumed run must share with the run it continues: the prompt stream, the rollouts and the
 # update rule. Everything random is a function of (seed, step), so nothing else needs saving.
-RESUME_KEYS = ("init_from", "data", "seed", "prefilter_samples", "max_pass_rate", "pool_size", "prompts_per_step",
+RESUME_KEYS = ("init_from", "data", "seed", "prefilter_samples", "max_pass_rate", "min_pass_rate", "pool_size",
+               "prompts_per_step",
                "group_size", "gen_groups", "max_new_tokens", "temperature", "top_p", "on_fraction", "format_weight",
                "eps_low", "eps_high", "adv_eps", "kl_weight", "updates_per_rollout", "curriculum",
                "curriculum_sigma", "max_steps", "lr", "warmup_steps", "min_lr_frac", "weight_decay", "grad_clip")
@@ -603,26 +635,26 @@ def main(cfg):
         f"step, {cfg.updates_per_rollout} updates per step; steps {start_step}->{cfg.max_steps}")
 
     # Prefiltering (a resumed run reads the pool it started with).
-    timing = {"prefilter_s": 0.0, "rollout_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
+    clock = PhaseClock(state["extra"].get("timing") if state is not None else None)
     if state is not None:
         pool = [tuple(p) for p in state["extra"]["pool"]]
-        timing.update(state["extra"].get("timing", {}))
     else:
-        t0 = time.time()
-        pool, scanned, stats = prefilter(model, tok, rows, cfg, dist, say)
-        timing["prefilter_s"] = time.time() - t0
+        with clock("prefilter"):
+            pool, scanned, stats = prefilter(model, tok, rows, cfg, dist, say)
         if master:
             write_prefilter(os.path.join(cfg.out_dir, "prefilter.jsonl"), rows, scanned)
         kept_rates = [r for _, r in pool if r is not None]
         say(f"prefilter: {stats['prefilter_scanned']} prompts scanned ({stats['prefilter_sampled']} sampled x "
-            f"{cfg.prefilter_samples}), {stats['prefilter_dropped']} dropped with pass rate >= {cfg.max_pass_rate}, "
+            f"{cfg.prefilter_samples}), {stats['prefilter_dropped']} dropped (pass rate outside [{cfg.min_pass_rate}, "
+            f"{cfg.max_pass_rate})), "
             f"{len(pool)} kept (mean pass rate {np.mean(kept_rates) if kept_rates else float('nan'):.3f}) "
-            f"in {timing['prefilter_s']:.1f} s")
-        log.log(step=0, **stats, prefilter_s=timing["prefilter_s"],
+            f"in {clock.last['prefilter_s']:.1f} s")
+        log.log(step=0, **stats, **clock.last,
                 pass_rate_hist=np.histogram(kept_rates, bins=8, range=(0, 1))[0].tolist() if kept_rates else [])
     if len(pool) < cfg.prompts_per_step:
-        raise DataError(f"{cfg.data}: {len(pool)} prompts left after prefiltering (pass rate < --max_pass_rate="
-                        f"{cfg.max_pass_rate}), fewer than --prompts_per_step={cfg.prompts_per_step}")
+        raise DataError(f"{cfg.data}: {len(pool)} prompts left after prefiltering (pass rate in [--min_pass_rate="
+                        f"{cfg.min_pass_rate}, --max_pass_rate={cfg.max_pass_rate})), fewer than --prompts_per_step="
+                        f"{cfg.prompts_per_step}")
     if cfg.curriculum and any(r is None for _, r in pool):
         raise ConfigError("--curriculum=True needs a pass rate for every prompt: set --prefilter_samples > 0 or give "
                           "the rows a pass_rate (or --curriculum=False)")
@@ -635,10 +667,9 @@ def main(cfg):
             raise ConfigError(f"--eval_problems={cfg.eval_problems}: {e}") from None
 
     def run_eval(step):
-        t0 = time.time()
-        row = generation_eval(model, tok, problems, cfg)
-        timing["eval_s"] += time.time() - t0
-        log.log(step=step, **row)
+        with clock("eval"):
+            row = generation_eval(model, tok, problems, cfg)
+        log.log(step=step, **row, **clock.last)
         return row
 
     if master and problems and start_step == 0:  # where the curves start: the starting model
@@ -653,19 +684,20 @@ def main(cfg):
         if master and problems and cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step:
             bar.write(f"[grpo] step {step}: {describe_eval(run_eval(step))}", file=sys.stderr)
         # 1-2. the step's prompts, then this process's generate calls (chunk c -> process c % world)
-        t0 = time.time()
         idx, modes, mu = draw_batch(pool, rows, step, cfg)
         samples, group_ids = [], []
         model.eval()
-        for c in range(dist.rank, n_chunks, dist.world_size):
-            groups = list(range(c * cfg.gen_groups, min((c + 1) * cfg.gen_groups, cfg.prompts_per_step)))
-            samples += sample_groups(model, tok, [rows[idx[g]] for g in groups], [modes[g] for g in groups],
-                                     cfg.group_size, rows_per_call, cfg, chunk_seed(cfg.seed, 1, step, c))
-            group_ids += groups
-        t1 = time.time()
+        with clock("rollout"):
+            for c in range(dist.rank, n_chunks, dist.world_size):
+                groups = list(range(c * cfg.gen_groups, min((c + 1) * cfg.gen_groups, cfg.prompts_per_step)))
+                samples += sample_groups(model, tok, [rows[idx[g]] for g in groups], [modes[g] for g in groups],
+                                         cfg.group_size, rows_per_call, cfg, chunk_seed(cfg.seed, 1, step, c))
+                group_ids += groups
+        timed = dict(clock.last)
         # 3-4. rewards, advantages, updates
-        sums, same = train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist, tok, device)
-        t2 = time.time()
+        with clock("train"):
+            sums, same = train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist, tok, device)
+        timed.update(clock.last)  # this process's times (processes run their share in parallel)
         for mode in ("on", "off"):
             of = [s for s in samples if s["mode"] == mode]
             sums[f"n_{mode}"] = len(of)
@@ -675,14 +707,16 @@ def main(cfg):
                     format=sum(s["format"] for s in samples),
                     reward=sum(total_reward(s, cfg.format_weight) for s in samples),
                     response_tokens=sum(len(s["response"]) for s in samples),
-                    truncated=sum(s["truncated"] for s in samples), rollout_s=t1 - t0, train_s=t2 - t1)
+                    truncated=sum(s["truncated"] for s in samples))
         g = all_sum(dist, sums, device)
-        timing["rollout_s"] += g["rollout_s"] / dist.world_size
-        timing["train_s"] += g["train_s"] / dist.world_size
         if master and ((step + 1) % cfg.log_interval == 0 or step + 1 == end):
             tokens = same["trained_tokens"]
             per_token = lambda k: g[k] / tokens if tokens else None  # noqa: E731  (no trained token: no value)
+            # the starting model's pass rates of this batch's prompts (measured in "on" mode unless
+            # a row says otherwise): what the rollout accuracy is to be compared with, since the
+            # curriculum makes the batches harder step by step
             rates = [pool_rate[i] for i in idx if pool_rate[i] is not None]
+            rates_on = [pool_rate[i] for i, m in zip(idx, modes) if m == "on" and pool_rate[i] is not None]
             row = {"step": step + 1, "lr": same["lr"], "reward": g["reward"] / g["n"],
                    "reward_accuracy": g["accuracy"] / g["n"], "reward_format": g["format"] / g["n"],
                    **{f"reward_accuracy_{m}": g[f"acc_{m}"] / g[f"n_{m}"] for m in ("on", "off") if g[f"n_{m}"]},
@@ -694,7 +728,8 @@ def main(cfg):
                    "entropy": per_token("entropy_sum"),
                    "grad_norm": float(np.mean(same["grad_norm"])) if same["grad_norm"] else None,
                    "batch_pass_rate": float(np.mean(rates)) if rates else None,
-                   "rollout_s": g["rollout_s"] / dist.world_size, "train_s": g["train_s"] / dist.world_size}
+                   "batch_pass_rate_on": float(np.mean(rates_on)) if rates_on else None,
+                   **timed}
             if mu is not None:
                 row["curriculum_mu"] = mu
             if reference is not None:
@@ -704,21 +739,25 @@ def main(cfg):
                             skip=row["skipped_groups"], len=f"{row['response_len']:.0f}")
         if master and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
             save_checkpoint(cfg.out_dir, model, opt, step + 1, cfg, tok,
-                            extra={"pool": pool, "data_sha256": digest, "timing": timing})
+                            extra={"pool": pool, "data_sha256": digest, "timing": clock.totals})
     bar.close()
     if master:
         save_checkpoint(cfg.out_dir, model, opt, end, cfg, tok,
-                        extra={"pool": pool, "data_sha256": digest, "timing": timing})
+                        extra={"pool": pool, "data_sha256": digest, "timing": clock.totals})
         if end == cfg.max_steps and problems:
             say(f"step {end}: {describe_eval(run_eval(end))}")
-        log.log(step=end, **{f"total_{k}": v for k, v in timing.items()}, wall_s=time.time() - t_start)
+        log.log(step=end, **{f"total_{k}": v for k, v in clock.totals.items()}, wall_s=time.time() - t_start)
         rows_m = read_metrics(log.path)
         title = f"grpo.py: {cfg.out_dir}"
         plot_curves(os.path.join(cfg.out_dir, "reward.png"), rows_m,
                     ["reward_accuracy_on", "reward_accuracy_off", "reward_format", "accuracy_on", "accuracy_off"],
                     title=title)
-        say(f"saved {cfg.out_dir} at step {end}; time: " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items())
-            + f", wall {time.time() - t_start:.1f} s")
+        if problems:
+            ks = sorted({k for r in rows_m for k in r if k.startswith("acc_on_k")}, key=lambda k: int(k[8:]))
+            plot_curves(os.path.join(cfg.out_dir, "eval.png"), rows_m,
+                        ["accuracy_on", "accuracy_off", "think_rate_on", "think_rate_off"] + ks,
+                        title=title + " (held-out val, greedy)")
+        say(f"saved {cfg.out_dir} at step {end}; {clock.describe()}; this invocation {time.time() - t_start:.1f} s")
     teardown_dist(dist)
 
 

@@ -1345,10 +1345,10 @@ def main(cfg):
         saved = load_stage(name, paths)
         want = stage_settings(name, cfg, pcfg, space, state)
         if cfg.stage == "all":
-            redo = cfg.force or saved is None or saved["settings"] != want
+            redo = cfg.force or saved is None or saved.get("settings") != want
             if saved is not None and redo and not cfg.force and master:
-                changed = sorted(k for k in set(want) | set(saved["settings"])
-                                 if want.get(k) != saved["settings"].get(k))
+                before = saved.get("settings") or {}
+                changed = sorted(k for k in set(want) | set(before) if want.get(k) != before.get(k))
                 print(f"[puzzle] {name}: the saved result was made with other settings ({', '.join(changed)}): "
                       f"redoing it", file=sys.stderr)
         else:
@@ -1358,7 +1358,7 @@ def main(cfg):
                 raise ConfigError(f"--stage={cfg.stage} needs the {name} stage's results, which are not in "
                                   f"{cfg.out_dir}: run --stage=all first")
             for inp in INPUTS[name]:
-                if saved["settings"]["inputs"][inp] != state[inp]["id"]:
+                if (saved.get("settings") or {}).get("inputs", {}).get(inp) != state[inp]["id"]:
                     raise ConfigError(f"{paths[name]} was made from another {inp} result than the one in "
                                       f"{cfg.out_dir}: redo it with --stage={name}")
             if name == "library":

@@ -1,4 +1,4 @@
-"""
+r"""
 sft.py: reasoning SFT with the "detailed thinking on/off" toggle (paper sec. 4).
 
 Llama-Nemotron learns to reason (`<think>...</think>`, then the answer) when the system prompt says
@@ -9,7 +9,8 @@ LN-Nano: 4 epochs at 1e-4, global batch 256 samples, 32k-token packed rows).
 
     python sft.py                                         # nano recipe: out/child + out/data -> out/sft
     python sft.py --init_from=out/parent --out_dir=out/sft_parent
-    python sft.py --data=math.jsonl:0.7,chat.jsonl:0.3 --val_data=val.jsonl --init_from=hf/Llama-3.2-1B-Instruct
+    python sft.py --init_from=hf/Llama-3.2-1B-Instruct --data=math.jsonl:0.7,chat.jsonl:0.3 --val_data=val.jsonl \
+        --seq_len=2048 --total_batch_size=32768 --device_batch_size=4 --epochs=1 --lr=1e-5 --eval_problems=0
     torchrun --standalone --nproc_per_node=8 sft.py --device_batch_size=4 ...   # the same run on 8 processes
     python sft.py --resume=True                           # continue an interrupted (or --stop_after) run exactly
 

@@ -1,35 +1,88 @@
 #!/usr/bin/env bash
-# The nano Llama-Nemotron recipe end to end on a laptop CPU, as far as its stages exist today:
-#   1. data.py      the default world: tokenizer, pretraining corpus, SFT / RL / test sets
-#   2. distill.py   pretrain the parent (no teacher)                             -> out/parent
-#   3. sample.py    the parent continues text (a base model: --chat=False)
-#   4. ranker_eval.py  the second system: offline ranker evaluation                -> out/ranker
-# Still to come as their own stages: puzzle.py (NAS child), KD of the child, sft.py, grpo.py.
-# Writes out/report.md. Usage: bash speedrun.sh  (~4 min on 2 CPU cores)
+# The nano Llama-Nemotron recipe end to end (arXiv 2505.00949), ~20 minutes on a 2-core CPU:
+#   1. data.py      the default world: tokenizer, pretraining corpus + instruct chats, SFT/RL/test sets  -> out/data
+#   2. distill.py   pretrain the instruct parent (no teacher)                                        -> out/parent
+#   3. puzzle.py    Puzzle NAS: BLD library, replace-1 KL scores, measured costs, MIP, assembly      -> out/puzzle
+#   4. distill.py   global KD of the Puzzle child from the parent (cosine + KL, no LM loss)         -> out/child
+#   5. sft.py       reasoning SFT with the "detailed thinking on/off" toggle                         -> out/sft
+#   6. grpo.py      reasoning RL: GRPO with verifiable rewards                                        -> out/grpo
+#   7. sample.py    held-out accuracy (on/off) of every model, decode throughput of parent and child -> out/eval
+#   8. report.py    out/report.md + out/report.json + plots
+#
+# Usage:  bash speedrun.sh                 the recipe (CPU; the GPU when there is one)
+#         SEED=2 OUT=out_seed2 bash speedrun.sh    another seed, another folder
+#         FORCE=1 bash speedrun.sh         redo every stage (else a stage whose output exists is skipped,
+#                                          so a run that died in GRPO restarts there)
+#         SMOKE=1 OUT=/tmp/smoke bash speedrun.sh  the same chain with tiny sizes (the test suite runs it)
+# A stage that fails stops the chain with its error and exit code.
 set -euo pipefail
 cd "$(dirname "$0")"
-mkdir -p out
-start=$(date +%s)
-python data.py 2>&1 | tee out/data.log
-python distill.py config/nano_parent_cpu.py 2>&1 | tee out/parent.log
-python sample.py --ckpt=out/parent --chat=False --prompt="3+5+2+7 / " --temperature=0 --max_new_tokens=24 \
-  > out/parent_sample.txt
-python ranker_eval.py --out_dir=out/ranker 2>&1 | tee out/ranker.log
-python - "$start" <<'PY'
-import json, sys, time
-rows = [json.loads(l) for l in open("out/parent/metrics.jsonl")]
-train = [r for r in rows if "train_lm" in r]
-val = [r for r in rows if "val_lm" in r]
-speed = sum(r["tokens_per_s"] for r in train) / len(train)
-ranker = json.load(open("out/ranker/results.json"))
-lines = ["# nanoNemotron speedrun report", "",
-         f"- wall time: {time.time() - int(sys.argv[1]):.0f} s",
-         f"- parent: {train[-1]['step']} steps, final train loss {train[-1]['train_lm']:.3f}, "
-         f"val loss {val[-1]['val_lm']:.3f}, {speed:,.0f} tokens/s (mean)",
-         f"- the parent continues '3+5+2+7 / ' with {open('out/parent_sample.txt').read()!r}",
-         "- ranker evaluation, mean relative error per estimator: "
-         + ", ".join(f"{k} {v['mean_rel_error']:.3f}" for k, v in ranker["estimators"].items()),
-         "", "Plots: out/parent/loss.png, out/ranker/"]
-open("out/report.md", "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
-PY
+SEED=${SEED:-1337}
+OUT=${OUT:-out}
+FORCE=${FORCE:-0}
+SMOKE=${SMOKE:-0}
+PY=${PYTHON:-python}
+mkdir -p "$OUT/logs" "$OUT/.done" "$OUT/eval"
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then DEVICE=cuda; else DEVICE=cpu; fi
+
+# Tiny sizes for the smoke run: every stage runs a few steps, nothing is compiled.
+if [[ $SMOKE == 1 ]]; then
+  DATA_ARGS="--pretrain_tokens=40000 --pretrain_val_tokens=8000 --tokenizer_chars=60000 --sft_train=200 --sft_val=40 --rl_train=64 --val_per_k=4 --test_per_k=4 --test_chat=8"
+  PARENT_ARGS="--n_layer=2 --n_embd=32 --n_head=4 --n_kv_head=2 --ffn_hidden=64 --seq_len=64 --device_batch_size=4 --total_batch_size=512 --max_steps=4 --warmup_steps=1 --eval_interval=2 --eval_batches=1 --log_interval=1"
+  PUZZLE_ARGS="--compile=False --smoke=True"
+  KD_ARGS="--seq_len=64 --device_batch_size=4 --total_batch_size=512 --max_steps=3 --warmup_steps=1 --eval_interval=0 --log_interval=1"
+  SFT_ARGS="--max_steps=3 --eval_interval=0 --eval_problems=8 --seq_len=64 --device_batch_size=4 --total_batch_size=512"
+  GRPO_ARGS="--max_steps=2 --smoke=True"
+  EVAL_ARGS="--n=16 --compile=False --max_new_tokens=16"
+  BENCH_ARGS="--batch_size=2 --prompt_len=8 --bench_tokens=8 --repeats=1 --compile=False"
+else
+  DATA_ARGS="" PARENT_ARGS="" PUZZLE_ARGS="" KD_ARGS="" SFT_ARGS="" GRPO_ARGS=""
+  EVAL_ARGS="--n=500"
+  BENCH_ARGS="--batch_size=32 --repeats=5"
+fi
+
+# run_stage NAME COMMAND...: skipped when $OUT/.done/NAME exists (unless FORCE=1); the log goes to
+# $OUT/logs/NAME.log, the wall time to $OUT/logs/NAME.seconds; a failure stops the chain.
+run_stage() {
+  local name=$1; shift
+  if [[ $FORCE != 1 && -e "$OUT/.done/$name" ]]; then
+    echo "== $name: done before, skipped (FORCE=1 redoes it)"; return 0
+  fi
+  echo "== $name: $*"
+  local t0=$SECONDS status=0
+  "$@" > >(tee "$OUT/logs/$name.log") 2> >(tee -a "$OUT/logs/$name.log" >&2) || status=$?
+  wait
+  if [[ $status != 0 ]]; then
+    echo "== $name FAILED with exit code $status (log: $OUT/logs/$name.log); rerun to resume here" >&2
+    exit $status
+  fi
+  echo $((SECONDS - t0)) > "$OUT/logs/$name.seconds"
+  touch "$OUT/.done/$name"
+}
+
+run_stage data    $PY data.py --seed=$SEED --out_dir=$OUT/data $DATA_ARGS
+run_stage parent  $PY distill.py config/nano_parent_cpu.py --seed=$SEED --device=$DEVICE \
+                      --data_dir=$OUT/data --out_dir=$OUT/parent $PARENT_ARGS
+run_stage puzzle  $PY puzzle.py --seed=$SEED --parent=$OUT/parent --data_dir=$OUT/data --out_dir=$OUT/puzzle $PUZZLE_ARGS
+run_stage kd      $PY distill.py config/nano_kd_cpu.py --seed=$SEED --device=$DEVICE --data_dir=$OUT/data \
+                      --init_from=$OUT/puzzle/child --teacher=$OUT/parent --out_dir=$OUT/child $KD_ARGS
+run_stage sft     $PY sft.py --seed=$SEED --device=$DEVICE --init_from=$OUT/child --data_dir=$OUT/data \
+                      --out_dir=$OUT/sft $SFT_ARGS
+run_stage grpo    $PY grpo.py --seed=$SEED --device=$DEVICE --init_from=$OUT/sft --data_dir=$OUT/data \
+                      --out_dir=$OUT/grpo $GRPO_ARGS
+
+# Evaluation: every model on the same held-out problems (test split, seed 1) in both modes, greedy;
+# decode throughput of parent and child side by side.
+evaluate() {
+  for model in parent child sft grpo; do
+    for mode in on off; do
+      $PY sample.py --ckpt=$OUT/$model --eval=True --reasoning=$mode --seed=1 $EVAL_ARGS \
+          --out=$OUT/eval/${model}_${mode}.json
+    done
+  done
+  for model in parent child; do
+    $PY sample.py --ckpt=$OUT/$model --bench=True $BENCH_ARGS --out=$OUT/eval/${model}_bench.json
+  done
+}
+run_stage eval evaluate
+$PY report.py --out_dir=$OUT

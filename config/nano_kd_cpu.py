@@ -1,0 +1,19 @@
+# Global KD of the nano Puzzle child from the nano parent (paper sec. 2.2; Puzzle's loss:
+# cosine of every layer's hidden state + KL on the logits, no LM loss). The child starts from the
+# BLD library's blocks, so it needs a gentler LR than pretraining from scratch and few steps.
+#   python distill.py config/nano_kd_cpu.py --init_from=out/puzzle/child --teacher=out/parent --out_dir=out/child
+init_from = "out/puzzle/child"
+teacher = "out/parent"
+out_dir = "out/child"
+data_dir = "out/data"
+kd_weight = 1.0
+cosine_weight = 1.0
+lm_weight = 0.0
+seq_len = 256
+total_batch_size = 8192    # 16 seqs x 256 tokens x 2 micro-steps
+device_batch_size = 16
+lr = 1e-3
+warmup_steps = 10
+max_steps = 120            # ~1M tokens
+eval_interval = 60
+device = "cpu"

@@ -1,0 +1,206 @@
+"""
+report.py: the speedrun's report card, the paper's story retold with the numbers of one nano run.
+
+    python report.py --out_dir=out        (speedrun.sh runs it last)
+
+Reads what the stages and the evaluation wrote under --out_dir: logs/*.seconds (wall time per
+stage), eval/*.json (sample.py --eval / --bench results: every accuracy and throughput here comes
+from sample.py on the same held-out problems), puzzle/summary.json (the child's layout, predicted
+speed-up, the homogeneous control), and the stages' metrics.jsonl. Writes report.json (the numbers),
+report.md (tables, the plots below, the paper's numbers beside the nano ones), accuracy_by_k.png and
+curves.png. A number that a stage did not produce is an error naming the missing file, never a
+blank in the table.
+"""
+import json
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from configurator import ConfigError, check_readable, run_main
+from model import count_params, kv_bytes_per_token, load_config
+from runtime import read_metrics
+
+MODELS = ("parent", "child", "sft", "grpo")
+STAGES = ("data", "parent", "puzzle", "kd", "sft", "grpo", "eval")
+PAPER = {  # Llama-Nemotron, tables 3-5 and sec. 2 (see ../shared/notes/llama-nemotron.md)
+    "LN-Ultra 253B": {"GPQA-Diamond": "76.0 / 56.6", "MATH500": "97.0 / 80.4", "AIME25": "72.5 / 16.7"},
+    "LN-Super 49B": {"GPQA-Diamond": "66.7 / 50.0", "MATH500": "96.6 / 74.0", "AIME25": ""},
+    "LN-Nano 8B": {"GPQA-Diamond": "", "MATH500": "95.4 / 36.6", "AIME25": ""},
+}
+
+
+@dataclass
+class ReportConfig:
+    out_dir: str = "out"
+
+    def validate(self):
+        check_readable(self.out_dir, "out_dir", "dir")
+
+
+def _json(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"report: {path} is missing (did its stage run? see speedrun.sh)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def collect(out):
+    ev = lambda name: _json(os.path.join(out, "eval", f"{name}.json"))
+    r = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+         else f"CPU ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}"}
+    r["seconds"] = {}
+    for s in STAGES:
+        p = os.path.join(out, "logs", f"{s}.seconds")
+        if os.path.isfile(p):
+            r["seconds"][s] = int(open(p).read().strip())
+    r["seconds"]["total"] = sum(r["seconds"].values())
+    evals = {m: {mode: ev(f"{m}_{mode}") for mode in ("on", "off")} for m in MODELS}
+    for m in ("parent", "child"):
+        cfg = load_config(os.path.join(out, m))
+        bench = ev(f"{m}_bench")
+        on, off = evals[m]["on"], evals[m]["off"]
+        r[m] = {"params": count_params(cfg), "kv_bytes_per_token": kv_bytes_per_token(cfg),
+                "decode_tokens_per_s": bench["decode_tokens_per_s"],
+                "prefill_tokens_per_s": bench["prefill_tokens_per_s"],
+                "accuracy": max(on["accuracy"], off["accuracy"]),
+                "accuracy_on": on["accuracy"], "accuracy_off": off["accuracy"],
+                "think_rate_on": on["think_rate"], "think_rate_off": off["think_rate"]}
+    puzzle = _json(os.path.join(out, "puzzle", "summary.json"))
+    r["child"]["predicted_speedup"] = puzzle["predicted_speedup"]
+    r["child"]["measured_speedup"] = r["child"]["decode_tokens_per_s"] / r["parent"]["decode_tokens_per_s"]
+    r["child"]["accuracy_vs_parent"] = r["child"]["accuracy"] / max(r["parent"]["accuracy"], 1e-9)
+    r["puzzle"] = puzzle
+    for m in ("sft", "grpo"):
+        on, off = evals[m]["on"], evals[m]["off"]
+        r[m] = {"accuracy_on": on["accuracy"], "accuracy_off": off["accuracy"],
+                "think_rate_on": on["think_rate"], "think_rate_off": off["think_rate"]}
+    err = lambda a: 1 - a
+    r["grpo"]["gain_points"] = 100 * (r["grpo"]["accuracy_on"] - r["sft"]["accuracy_on"])
+    r["grpo"]["error_reduction"] = 1 - err(r["grpo"]["accuracy_on"]) / max(err(r["sft"]["accuracy_on"]), 1e-9)
+    r["by_k"] = {m: {mode: evals[m][mode]["by_k"] for mode in ("on", "off")} for m in MODELS}
+    r["by_task"] = {m: {mode: evals[m][mode]["by_task"] for mode in ("on", "off")} for m in MODELS}
+    r["n_problems"] = evals["parent"]["on"]["n"]
+    r["checks"] = {
+        "child decode >= 1.5x parent": r["child"]["measured_speedup"] >= 1.5,
+        "child accuracy >= 95% of parent": r["child"]["accuracy_vs_parent"] >= 0.95,
+        "parent accuracy >= 0.30 (better mode)": r["parent"]["accuracy"] >= 0.30,
+        "SFT on - off >= 25 points": r["sft"]["accuracy_on"] - r["sft"]["accuracy_off"] >= 0.25,
+        "GRPO >= +5 points or >= 30% fewer errors": r["grpo"]["gain_points"] >= 5 or r["grpo"]["error_reduction"] >= 0.30,
+        "think block >= 99% on, <= 1% off (SFT, GRPO)": all(r[m]["think_rate_on"] >= 0.99 and r[m]["think_rate_off"] <= 0.01
+                                                            for m in ("sft", "grpo")),
+    }
+    return r
+
+
+def plots(r, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, mode in zip(axes, ("on", "off")):
+        for m in MODELS:
+            ks = sorted(r["by_k"][m][mode], key=int)
+            ax.plot([int(k) for k in ks], [r["by_k"][m][mode][k] for k in ks], marker="o", label=m)
+        ax.set_title(f"detailed thinking {mode}: accuracy by chain length")
+        ax.set_xlabel("k (numbers added)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_by_k.png"), dpi=110)
+    plt.close(fig)
+    panels = [("parent", "parent pretraining", ["train_lm", "val_lm"]),
+              ("child", "child KD (from the parent)", ["train_kl", "train_cos", "val_kl", "val_lm"]),
+              ("sft", "SFT", ["train_loss", "val_loss"]),
+              ("grpo", "GRPO reward", ["reward_accuracy", "reward_format", "val_accuracy_on"])]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    for ax, (m, title, keys) in zip(axes, panels):
+        path = os.path.join(out, m, "metrics.jsonl")
+        rows = read_metrics(path) if os.path.isfile(path) else []
+        for k in keys:
+            pts = [(row["step"], row[k]) for row in rows if row.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+
+
+def markdown(r):
+    p, c, s, g = r["parent"], r["child"], r["sft"], r["grpo"]
+    pct = lambda x: f"{100 * x:.1f}"
+    sec = r["seconds"]
+    lines = [
+        "# nanoNemotron speedrun report", "",
+        f"Device: {r['device']}. Wall time: {sec['total']} s "
+        f"({', '.join(f'{k} {v} s' for k, v in sec.items() if k != 'total')}). "
+        f"Every accuracy: `sample.py --eval` on the same {r['n_problems']} held-out test problems "
+        "(addition chains k = 3..8 and chat tasks), greedy.", "",
+        "## Checks (the paper's claims at nano scale)", "",
+        "| claim | holds |", "|---|---|"]
+    lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in r["checks"].items()]
+    lines += ["", "## 1. Puzzle: a faster child that keeps the parent's accuracy (paper sec. 2)", "",
+              "| model | params | KV bytes/token | decode tokens/s (batch 32) | accuracy on / off |",
+              "|---|---|---|---|---|",
+              f"| parent | {p['params']:,} | {p['kv_bytes_per_token']} | {p['decode_tokens_per_s']:,.0f} | "
+              f"{pct(p['accuracy_on'])} / {pct(p['accuracy_off'])} |",
+              f"| Puzzle child after KD | {c['params']:,} | {c['kv_bytes_per_token']} | {c['decode_tokens_per_s']:,.0f} | "
+              f"{pct(c['accuracy_on'])} / {pct(c['accuracy_off'])} |", "",
+              f"Measured decode speed-up {c['measured_speedup']:.2f}x (the MIP predicted {c['predicted_speedup']:.2f}x); "
+              f"the child keeps {pct(c['accuracy_vs_parent'])}% of the parent's accuracy (better mode).", ""]
+    pz = r["puzzle"]
+    if "homogeneous" in pz:
+        h = pz["homogeneous"]
+        lines += ["Heterogeneity against the control the paper argues against (same library, every layer alike, "
+                  "before any KD):", "",
+                  "| model | predicted speed-up | KL to the parent (held-out tokens) |", "|---|---|---|",
+                  f"| Puzzle child | {pz['predicted_speedup']:.2f}x | {pz.get('child_kl', float('nan')):.4f} |",
+                  f"| homogeneous control | {h['predicted_speedup']:.2f}x | {h.get('kl', float('nan')):.4f} |", ""]
+    if pz.get("layout_png"):
+        lines += [f"![layout]({os.path.relpath(pz['layout_png'], start=pz.get('out_root', '.'))})", ""]
+    if pz.get("layout_table"):
+        lines += ["```", pz["layout_table"], "```", ""]
+    lines += ["## 2. Reasoning SFT: one model, two modes (paper sec. 4)", "",
+              "| model | accuracy on | accuracy off | think block on | think block off |", "|---|---|---|---|---|"]
+    for name, m in (("SFT", s), ("GRPO", g)):
+        lines.append(f"| {name} | {pct(m['accuracy_on'])} | {pct(m['accuracy_off'])} | {pct(m['think_rate_on'])}% | "
+                     f"{pct(m['think_rate_off'])}% |")
+    lines += ["", f"## 3. GRPO on top of SFT (paper sec. 5): {g['gain_points']:+.1f} points with reasoning on, "
+              f"{pct(g['error_reduction'])}% of SFT's errors removed", "",
+              "![accuracy by chain length](accuracy_by_k.png)", "", "![curves](curves.png)", "",
+              "Accuracy by chain length (reasoning on):", "",
+              "| k | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
+    ks = sorted(r["by_k"]["sft"]["on"], key=int)
+    for k in ks:
+        lines.append(f"| {k} | " + " | ".join(pct(r["by_k"][m]["on"].get(k, float("nan"))) for m in MODELS) + " |")
+    lines += ["", "## What the paper reports (on / off)", "",
+              "| model | GPQA-Diamond | MATH500 | AIME25 |", "|---|---|---|---|"]
+    lines += [f"| {k} | " + " | ".join(v.values()) + " |" for k, v in PAPER.items()]
+    lines += [f"| nano (this run, held-out tasks) | | SFT {pct(s['accuracy_on'])} / {pct(s['accuracy_off'])}, "
+              f"GRPO {pct(g['accuracy_on'])} / {pct(g['accuracy_off'])} | |", "",
+              "Efficiency: LN-Super has 5x the throughput of Llama-3.3-70B at batch 256 on one H100; LN-Ultra "
+              f"1.71x lower latency than Llama-3.1-405B. Nano: {c['measured_speedup']:.2f}x decode throughput at "
+              "batch 32 on this device."]
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg):
+    out = cfg.out_dir
+    r = collect(out)
+    plots(r, out)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(r, f, indent=1)
+    md = markdown(r)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    run_main(main, ReportConfig)
