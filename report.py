@@ -5,8 +5,8 @@ report.py: the speedrun's report card, the paper's story retold with the numbers
 
 Reads what the stages and the evaluation wrote under --out_dir: logs/*.seconds (wall time per
 stage), eval/*.json (sample.py --eval / --bench results: every accuracy and throughput here comes
-from sample.py on the same held-out problems), puzzle/summary.json (the child's layout, predicted
-speed-up, the homogeneous control), and the stages' metrics.jsonl. Writes report.json (the numbers),
+from sample.py on the same held-out problems), puzzle/assemble.json + layout.txt (the child's layout,
+predicted speed-up, the homogeneous control), and the stages' metrics.jsonl. Writes report.json (the numbers),
 report.md (tables, the plots below, the paper's numbers beside the nano ones), accuracy_by_k.png and
 curves.png. A number that a stage did not produce is an error naming the missing file, never a
 blank in the table.
@@ -67,8 +67,15 @@ def collect(out):
                 "accuracy": max(on["accuracy"], off["accuracy"]),
                 "accuracy_on": on["accuracy"], "accuracy_off": off["accuracy"],
                 "think_rate_on": on["think_rate"], "think_rate_off": off["think_rate"]}
-    puzzle = _json(os.path.join(out, "puzzle", "summary.json"))
-    r["child"]["predicted_speedup"] = puzzle["predicted_speedup"]
+    asm = _json(os.path.join(out, "puzzle", "assemble.json"))
+    child, control = asm["child"], asm.get("control")
+    r["child"]["predicted_speedup"] = child["predicted_speedup"]
+    r["puzzle"] = {"predicted_speedup": child["predicted_speedup"], "kl": child["kl"], "score": child["score"],
+                   "attention": child["attention"], "ffn": child["ffn"],
+                   "homogeneous": None if control is None else
+                   {k: control[k] for k in ("predicted_speedup", "kl", "score", "attention", "ffn")}}
+    with open(os.path.join(out, "puzzle", "layout.txt")) as f:
+        r["puzzle"]["layout_table"] = f.read().rstrip()
     r["child"]["measured_speedup"] = r["child"]["decode_tokens_per_s"] / r["parent"]["decode_tokens_per_s"]
     r["child"]["accuracy_vs_parent"] = r["child"]["accuracy"] / max(r["parent"]["accuracy"], 1e-9)
     r["puzzle"] = puzzle
@@ -155,17 +162,19 @@ def markdown(r):
               f"Measured decode speed-up {c['measured_speedup']:.2f}x (the MIP predicted {c['predicted_speedup']:.2f}x); "
               f"the child keeps {pct(c['accuracy_vs_parent'])}% of the parent's accuracy (better mode).", ""]
     pz = r["puzzle"]
-    if "homogeneous" in pz:
+    if pz["homogeneous"] is not None:
         h = pz["homogeneous"]
         lines += ["Heterogeneity against the control the paper argues against (same library, every layer alike, "
                   "before any KD):", "",
                   "| model | predicted speed-up | KL to the parent (held-out tokens) |", "|---|---|---|",
-                  f"| Puzzle child | {pz['predicted_speedup']:.2f}x | {pz.get('child_kl', float('nan')):.4f} |",
-                  f"| homogeneous control | {h['predicted_speedup']:.2f}x | {h.get('kl', float('nan')):.4f} |", ""]
-    if pz.get("layout_png"):
-        lines += [f"![layout]({os.path.relpath(pz['layout_png'], start=pz.get('out_root', '.'))})", ""]
-    if pz.get("layout_table"):
-        lines += ["```", pz["layout_table"], "```", ""]
+                  f"| Puzzle child ({', '.join(sorted(set(pz['attention'] + pz['ffn'])))}) | {pz['predicted_speedup']:.2f}x | "
+                  f"{pz['kl']:.4f} |",
+                  f"| homogeneous control ({h['attention'][0]} + {h['ffn'][0]} in every layer) | "
+                  f"{h['predicted_speedup']:.2f}x | {h['kl']:.4f} |", ""]
+    else:
+        lines += ["Homogeneous control: no uniform choice of blocks is predicted as fast as the Puzzle child.", ""]
+    lines += ["![per-layer layout of the parent, the Puzzle child and the control](puzzle/layout.png)", "",
+              "```", pz["layout_table"], "```", ""]
     lines += ["## 2. Reasoning SFT: one model, two modes (paper sec. 4)", "",
               "| model | accuracy on | accuracy off | think block on | think block off |", "|---|---|---|---|---|"]
     for name, m in (("SFT", s), ("GRPO", g)):

@@ -25,20 +25,20 @@ PY=${PYTHON:-python}
 mkdir -p "$OUT/logs" "$OUT/.done" "$OUT/eval"
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then DEVICE=cuda; else DEVICE=cpu; fi
 
-# Tiny sizes for the smoke run: every stage runs a few steps, nothing is compiled.
+# Tiny sizes for the smoke run (tests/test_speedrun.py): every stage runs a few steps, nothing is compiled.
 if [[ $SMOKE == 1 ]]; then
-  DATA_ARGS="--pretrain_tokens=40000 --pretrain_val_tokens=8000 --tokenizer_chars=60000 --sft_train=200 --sft_val=40 --rl_train=64 --val_per_k=4 --test_per_k=4 --test_chat=8"
-  PARENT_ARGS="--n_layer=2 --n_embd=32 --n_head=4 --n_kv_head=2 --ffn_hidden=64 --seq_len=64 --device_batch_size=4 --total_batch_size=512 --max_steps=4 --warmup_steps=1 --eval_interval=2 --eval_batches=1 --log_interval=1"
-  PUZZLE_ARGS="--compile=False --smoke=True"
-  KD_ARGS="--seq_len=64 --device_batch_size=4 --total_batch_size=512 --max_steps=3 --warmup_steps=1 --eval_interval=0 --log_interval=1"
-  SFT_ARGS="--max_steps=3 --eval_interval=0 --eval_problems=8 --seq_len=64 --device_batch_size=4 --total_batch_size=512"
-  GRPO_ARGS="--max_steps=2 --smoke=True"
-  EVAL_ARGS="--n=16 --compile=False --max_new_tokens=16"
-  BENCH_ARGS="--batch_size=2 --prompt_len=8 --bench_tokens=8 --repeats=1 --compile=False"
+  DATA_ARGS="--pretrain_tokens=30000 --pretrain_val_tokens=6000 --tokenizer_chars=40000 --sft_train=120 --sft_val=20 --rl_train=32 --val_per_k=2 --test_per_k=2 --test_chat=6"
+  PARENT_ARGS="--n_layer=2 --n_embd=32 --n_head=4 --n_kv_head=2 --ffn_hidden=64 --seq_len=64 --device_batch_size=4 --total_batch_size=256 --max_steps=3 --warmup_steps=1 --eval_interval=0 --eval_batches=1 --log_interval=1"
+  PUZZLE_ARGS="--seq_len=32 --device_batch_size=4 --bld_batch_size=4 --bld_tokens=512 --bld_warmup_steps=1 --calib_tokens=256 --bld_eval_tokens=256 --score_tokens=256 --cost_batch_size=2 --cost_prompt_len=4 --cost_new_tokens=4 --cost_repeats=1 --compile=False --ffn_round=8 --target_speedup=0 --max_memory_bytes=$((1<<40))"
+  KD_ARGS="--seq_len=64 --device_batch_size=4 --total_batch_size=256 --max_steps=2 --warmup_steps=1 --eval_interval=0 --eval_batches=1 --log_interval=1"
+  SFT_ARGS="--max_steps=2 --seq_len=64 --device_batch_size=4 --total_batch_size=256 --eval_interval=0 --eval_rows=4 --eval_problems=2 --eval_max_new_tokens=8 --log_interval=1"
+  GRPO_ARGS="--max_steps=2 --prompts_per_step=2 --group_size=2 --gen_groups=2 --prefilter_samples=2 --max_new_tokens=8 --device_batch_size=4 --updates_per_rollout=1 --eval_problems=2 --eval_max_new_tokens=8"
+  EVAL_ARGS="--n=6 --compile=False --max_new_tokens=8"
+  BENCH_ARGS="--batch_size=2 --prompt_len=4 --bench_tokens=4 --repeats=1 --compile=False"
 else
   DATA_ARGS="" PARENT_ARGS="" PUZZLE_ARGS="" KD_ARGS="" SFT_ARGS="" GRPO_ARGS=""
   EVAL_ARGS="--n=500"
-  BENCH_ARGS="--batch_size=32 --repeats=5"
+  BENCH_ARGS="--batch_size=32"
 fi
 
 # run_stage NAME COMMAND...: skipped when $OUT/.done/NAME exists (unless FORCE=1); the log goes to
@@ -63,12 +63,13 @@ run_stage() {
 run_stage data    $PY data.py --seed=$SEED --out_dir=$OUT/data $DATA_ARGS
 run_stage parent  $PY distill.py config/nano_parent_cpu.py --seed=$SEED --device=$DEVICE \
                       --data_dir=$OUT/data --out_dir=$OUT/parent $PARENT_ARGS
-run_stage puzzle  $PY puzzle.py --seed=$SEED --parent=$OUT/parent --data_dir=$OUT/data --out_dir=$OUT/puzzle $PUZZLE_ARGS
+run_stage puzzle  $PY puzzle.py --seed=$SEED --device=$DEVICE --parent=$OUT/parent --data_dir=$OUT/data \
+                      --out_dir=$OUT/puzzle $PUZZLE_ARGS
 run_stage kd      $PY distill.py config/nano_kd_cpu.py --seed=$SEED --device=$DEVICE --data_dir=$OUT/data \
                       --init_from=$OUT/puzzle/child --teacher=$OUT/parent --out_dir=$OUT/child $KD_ARGS
-run_stage sft     $PY sft.py --seed=$SEED --device=$DEVICE --init_from=$OUT/child --data_dir=$OUT/data \
-                      --out_dir=$OUT/sft $SFT_ARGS
-run_stage grpo    $PY grpo.py --seed=$SEED --device=$DEVICE --init_from=$OUT/sft --data_dir=$OUT/data \
+run_stage sft     $PY sft.py --seed=$SEED --device=$DEVICE --init_from=$OUT/child --data=$OUT/data/sft_train.jsonl \
+                      --val_data=$OUT/data/sft_val.jsonl --out_dir=$OUT/sft $SFT_ARGS
+run_stage grpo    $PY grpo.py --seed=$SEED --device=$DEVICE --init_from=$OUT/sft --data=$OUT/data/rl_train.jsonl \
                       --out_dir=$OUT/grpo $GRPO_ARGS
 
 # Evaluation: every model on the same held-out problems (test split, seed 1) in both modes, greedy;
@@ -85,4 +86,4 @@ evaluate() {
   done
 }
 run_stage eval evaluate
-$PY report.py --out_dir=$OUT
+run_stage report $PY report.py --out_dir=$OUT
