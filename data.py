@@ -958,6 +958,8 @@ class DataConfig:
     k_min: int = 2                   # chain lengths for training (k=2 is the addition table)
     k_max: int = 8                   # k=8 was ~10% in the prototype: headroom for RL
     eval_k_min: int = 3              # val/test chains; k=2 is only 100 problems, all in pretraining
+    sft_k_max: int = 6               # SFT chains stop here: k = 7..8 are left to RL (the paper
+                                     # leaves its hardest problems to the RL stage)
     sft_train: int = 20_000          # SFT rows; each prompt appears in "on" and "off" mode
     sft_val: int = 1_000
     chat_frac: float = 0.25          # share of chat-style prompts in SFT
@@ -995,6 +997,8 @@ class DataConfig:
         check(self.k_min <= self.k_max, "k_max", self.k_max, f"must be >= --k_min={self.k_min}")
         check(2 <= self.eval_k_min <= self.k_max, "eval_k_min", self.eval_k_min,
               f"must satisfy 2 <= eval_k_min <= --k_max={self.k_max}")
+        check(self.k_min <= self.sft_k_max <= self.k_max, "sft_k_max", self.sft_k_max,
+              f"must satisfy --k_min={self.k_min} <= sft_k_max <= --k_max={self.k_max}")
         for name in ("sft_train", "sft_val"):  # each prompt appears once "on" and once "off"
             n = getattr(self, name)
             check(n >= 2 and n % 2 == 0, name, n,
@@ -1014,7 +1018,7 @@ class DataConfig:
 def _sft_rows(n, split, seed, cfg):
     n_prompts = n // 2
     n_chat = round(n_prompts * cfg.chat_frac)
-    probs = (generate_problems(ADD_TASK, split, n_prompts - n_chat, seed, cfg.k_min, cfg.k_max)
+    probs = (generate_problems(ADD_TASK, split, n_prompts - n_chat, seed, cfg.k_min, cfg.sft_k_max)
              + generate_problems("chat", split, n_chat, seed))
     rows = [sft_example(p, mode) for p in probs for mode in ("on", "off")]
     random.Random(seed).shuffle(rows)

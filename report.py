@@ -78,7 +78,6 @@ def collect(out):
         r["puzzle"]["layout_table"] = f.read().rstrip()
     r["child"]["measured_speedup"] = r["child"]["decode_tokens_per_s"] / r["parent"]["decode_tokens_per_s"]
     r["child"]["accuracy_vs_parent"] = r["child"]["accuracy"] / max(r["parent"]["accuracy"], 1e-9)
-    r["puzzle"] = puzzle
     for m in ("sft", "grpo"):
         on, off = evals[m]["on"], evals[m]["off"]
         r[m] = {"accuracy_on": on["accuracy"], "accuracy_off": off["accuracy"],
@@ -121,7 +120,7 @@ def plots(r, out):
     panels = [("parent", "parent pretraining", ["train_lm", "val_lm"]),
               ("child", "child KD (from the parent)", ["train_kl", "train_cos", "val_kl", "val_lm"]),
               ("sft", "SFT", ["train_loss", "val_loss"]),
-              ("grpo", "GRPO reward", ["reward_accuracy", "reward_format", "val_accuracy_on"])]
+              ("grpo", "GRPO: rollout reward, held-out accuracy", ["reward_accuracy_on", "reward_accuracy_off", "reward_format", "accuracy_on", "accuracy_off"])]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for ax, (m, title, keys) in zip(axes, panels):
         path = os.path.join(out, m, "metrics.jsonl")

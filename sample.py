@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
-                          run_main)
+from configurator import (ConfigError, atomic_write, check, check_choice, check_positive, check_range,
+                          check_readable, run_main)
 from data import DataError, heldout_problems, load_rl_jsonl, load_tokenizer, split_reasoning
 from evaluate import bench_decode, bench_compare, evaluate_problems, format_breakdown, generate_responses
 from model import load_model
@@ -138,8 +138,7 @@ def new_tokens(cfg, model, prompt_len, default):
 def write_out(cfg, result):
     if cfg.out:
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-        with open(cfg.out, "w") as f:
-            json.dump({"config": asdict(cfg), **result}, f, indent=1)
+        atomic_write(cfg.out, json.dumps({"config": asdict(cfg), **result}, indent=1))
 
 
 def run_eval(cfg, model, tok):

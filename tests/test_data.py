@@ -493,3 +493,7 @@ def test_prepare_small_world(tmp_path):
     assert len(rl) == 50 and len(test) == 6 * 5 + 20 and len(val) == 6 * 5 + 20
     assert {p["prompt"] for p in test}.isdisjoint(p["prompt"] for p in rl + val)
     assert {p["k"] for p in test if p["task"] == "addmod10"} == set(range(3, 9))
+    # SFT chains stop at --sft_k_max=6; RL prompts (and the test) go on to k_max=8
+    rows = [json.loads(line) for line in open(tmp_path / "sft_train.jsonl")]
+    sft_k = {r["k"] for r in rows if r["task"] == "addmod10"}
+    assert sft_k == set(range(2, 7)) and max(p["k"] for p in rl) == 8

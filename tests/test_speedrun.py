@@ -1,0 +1,52 @@
+"""The whole chain at smoke size (SMOKE=1 bash speedrun.sh: every stage a few steps on a tiny world),
+so a stage that breaks the chain fails CI; a failing stage stops the chain with its exit code, and a
+rerun resumes after the last completed stage."""
+import json
+import os
+import shutil
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("data", "parent", "puzzle", "kd", "sft", "grpo", "eval", "report")
+
+
+def speedrun(out, **env):
+    return subprocess.run(["bash", os.path.join(ROOT, "speedrun.sh")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SMOKE": "1", "OUT": str(out), "OMP_NUM_THREADS": "1", **env})
+
+
+def test_smoke_chain_fails_loudly_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    r = speedrun(out)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for s in STAGES:
+        assert (out / ".done" / s).exists(), s
+    rep = json.load(open(out / "report.json"))
+    for m in ("parent", "child"):
+        assert {"params", "kv_bytes_per_token", "decode_tokens_per_s", "accuracy"} <= set(rep[m])
+    assert "predicted_speedup" in rep["child"]
+    for m in ("sft", "grpo"):
+        assert {"accuracy_on", "accuracy_off", "think_rate_on", "think_rate_off"} <= set(rep[m])
+    assert set(STAGES) - {"report"} <= set(rep["seconds"]) and rep["device"]
+    assert rep["n_problems"] == 6 and "| claim | holds |" in open(out / "report.md").read()
+    for png in ("accuracy_by_k.png", "curves.png", "puzzle/layout.png"):
+        assert (out / png).stat().st_size > 0, png
+
+    # A stage that fails stops the chain with its exit code (2: a clear one-line error) ...
+    for s in ("grpo", "eval", "report"):
+        os.remove(out / ".done" / s)
+    os.remove(out / "report.json")
+    weights = out / "sft" / "model.safetensors"
+    shutil.move(weights, tmp_path / "w")
+    r = speedrun(out)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "== grpo FAILED with exit code 2" in r.stderr and "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert "== eval" not in r.stdout and not (out / "report.json").exists()
+    # ... and a rerun resumes there: the stages before are skipped, the rest run.
+    shutil.move(tmp_path / "w", weights)
+    r = speedrun(out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s in ("data", "parent", "puzzle", "kd", "sft"):
+        assert f"== {s}: done before, skipped" in r.stdout, s
+    assert "== grpo: python" in r.stdout and (out / "report.json").exists()
