@@ -66,9 +66,9 @@ class SFTConfig:
     # model
     init_from: str = "out/child"               # the Puzzle child after KD (any model.py checkpoint)
     # optimisation
-    epochs: float = 1.5                        # passes over the data (nano: ~1.4M tokens, ~340 steps, ~2 min
-                                               # here: chains of k <= 6 go from ~10% to ~90% in steps
-                                               # 200-340; k = 7..8 are left to RL, see README)
+    epochs: float = 2.0                        # passes over the data (nano: ~1.8M tokens, ~450 steps, ~2.5 min
+                                               # here: chains of k <= 6 go from ~10% to 80-95% in steps
+                                               # 200-450; k = 7..8 are left to RL, see README)
     max_steps: int = 0                         # > 0: run this many steps instead of --epochs
     total_batch_size: int = 4096               # tokens per optimizer step (16 rows x 256, ~75 samples)
     device_batch_size: int = 16                # rows per micro-step per process

@@ -344,3 +344,22 @@ def test_more_bad_checkpoints(tmp_path):
         ModelConfig(head_dim=7, block_configs=[BlockConfig()])
     with pytest.raises(ValueError, match="max_position_embeddings must be a positive integer"):
         ModelConfig(max_position_embeddings=0, block_configs=[BlockConfig(intermediate_size=8)])
+
+
+def test_hf_config_without_kv_heads_is_multi_head(tmp_path):
+    """A Llama config.json without num_key_value_heads is plain multi-head attention (as in
+    transformers): one KV head per query head, not a default or an error."""
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+         "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 48}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg = load_config(str(tmp_path))
+    assert all(b.attention == "gqa" for b in cfg.block_configs)
+    assert kv_bytes_per_token(cfg) == kv_bytes_per_token(load_config_dict({**d, "num_key_value_heads": 4}, tmp_path))
+    assert kv_bytes_per_token(cfg) == 2 * kv_bytes_per_token(load_config_dict({**d, "num_key_value_heads": 2}, tmp_path))
+
+
+def load_config_dict(d, tmp_path):
+    folder = tmp_path / f"kv{d['num_key_value_heads']}"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(d))
+    return load_config(str(folder))
