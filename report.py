@@ -57,13 +57,14 @@ def collect(out):
             r["seconds"][s] = int(open(p).read().strip())
     r["seconds"]["total"] = sum(r["seconds"].values())
     evals = {m: {mode: ev(f"{m}_{mode}") for mode in ("on", "off")} for m in MODELS}
+    bench = ev("bench")  # sample.py --ckpt=child --bench=True --baseline=parent
     for m in ("parent", "child"):
         cfg = load_config(os.path.join(out, m))
-        bench = ev(f"{m}_bench")
+        b = bench if m == "child" else bench["baseline"]
         on, off = evals[m]["on"], evals[m]["off"]
         r[m] = {"params": count_params(cfg), "kv_bytes_per_token": kv_bytes_per_token(cfg),
-                "decode_tokens_per_s": bench["decode_tokens_per_s"],
-                "prefill_tokens_per_s": bench["prefill_tokens_per_s"],
+                "decode_tokens_per_s": b["decode_tokens_per_s"],
+                "prefill_tokens_per_s": b["prefill_tokens_per_s"],
                 "accuracy": max(on["accuracy"], off["accuracy"]),
                 "accuracy_on": on["accuracy"], "accuracy_off": off["accuracy"],
                 "think_rate_on": on["think_rate"], "think_rate_off": off["think_rate"]}

@@ -12,6 +12,7 @@ are not given. Evaluation is greedy unless --temperature is given.
     python sample.py --ckpt=out/sft --eval=True --problems=my_problems.jsonl      # {"prompt", "answer"} rows
     python sample.py --ckpt=out/child --bench=True --batch_size=32              # prefill / decode tokens/s
     python sample.py --ckpt=out/parent --bench=True --bench_compare=True         # eager vs compiled decode
+    python sample.py --ckpt=out/child --bench=True --baseline=out/parent          # two models, interleaved
     python sample.py --ckpt=out/sft --prompts=questions.txt --reasoning=off      # batched, one row per line
     python sample.py --ckpt=out/sft --chat_repl=True                             # interactive, streaming
     python sample.py --ckpt=out/parent --chat=False --prompt="3+5 is"            # plain continuation
@@ -37,7 +38,8 @@ from tqdm import tqdm
 from configurator import (ConfigError, atomic_write, check, check_choice, check_positive, check_range,
                           check_readable, run_main)
 from data import DataError, heldout_problems, load_rl_jsonl, load_tokenizer, split_reasoning
-from evaluate import bench_decode, bench_compare, evaluate_problems, format_breakdown, generate_responses
+from evaluate import (bench_compare, bench_decode, bench_decode_many, evaluate_problems, format_breakdown,
+                      generate_responses)
 from model import load_model
 from runtime import pick_device
 
@@ -72,6 +74,8 @@ class SampleConfig:
     bench_tokens: int = 128            # new tokens per row
     repeats: int = 5                   # timed repeats (medians are reported)
     bench_compare: bool = False        # time eager and compiled decoding side by side, with the ratio
+    baseline: str = ""                 # another checkpoint timed together with --ckpt (interleaved
+                                       # repeats), e.g. the parent of a Puzzle child, with the ratio
     # interactive chat
     chat_repl: bool = False
     out: str = ""                      # also write the result (--eval / --bench) as JSON to this file
@@ -95,6 +99,10 @@ class SampleConfig:
               f"choose one of --eval, --bench, --prompts, --chat_repl (got {', '.join(modes)})")
         check(self.eval or not self.problems, "problems", self.problems, "needs --eval=True")
         check(not self.bench_compare or self.bench, "bench_compare", True, "needs --bench=True")
+        check(not self.baseline or (self.bench and not self.bench_compare), "baseline", self.baseline,
+              "needs --bench=True (and not --bench_compare)")
+        if self.baseline:
+            check_readable(self.baseline, "baseline", "dir")
         check_readable(self.ckpt, "ckpt", "dir")
         for name in ("problems", "prompts"):
             if getattr(self, name):
@@ -188,6 +196,22 @@ def run_bench(cfg, model):
         print(f"[batch {cfg.batch_size}, {cfg.prompt_len}-token prompts, {cfg.bench_tokens} new tokens, "
               f"medians of {cfg.repeats} interleaved repeats; compile (one-time) {res['compiled']['compile_s']:.1f} s]",
               file=sys.stderr)
+    elif cfg.baseline:
+        # Two models timed in separate processes minutes apart on a shared machine differ by +-20%;
+        # interleaved repeats in one process slow both alike when the load changes.
+        base = load_model(cfg.baseline, device=next(model.parameters()).device,
+                          dtype=next(model.parameters()).dtype).eval()
+        both = bench_decode_many({"model": model, "baseline": base}, cfg.batch_size, cfg.prompt_len,
+                                 cfg.bench_tokens, cfg.compile, cfg.repeats)
+        res = {**both["model"], "baseline": both["baseline"],
+               "decode_speedup": both["model"]["decode_tokens_per_s"] / both["baseline"]["decode_tokens_per_s"]}
+        for name, r in (("", res), ("baseline_", res["baseline"])):
+            print(f"{name}prefill_tokens_per_s: {r['prefill_tokens_per_s']:.1f}")
+            print(f"{name}decode_tokens_per_s: {r['decode_tokens_per_s']:.1f}")
+        print(f"decode_speedup: {res['decode_speedup']:.3f}")
+        print(f"context: {res['context']}")
+        print(f"[{res['path']} decode of {cfg.ckpt} and {cfg.baseline}, batch {cfg.batch_size}, {cfg.prompt_len}-token "
+              f"prompts, {cfg.bench_tokens} new tokens, medians of {cfg.repeats} interleaved repeats]", file=sys.stderr)
     else:
         res = bench_decode(model, cfg.batch_size, cfg.prompt_len, cfg.bench_tokens, cfg.compile, cfg.repeats)
         print(f"prefill_tokens_per_s: {res['prefill_tokens_per_s']:.1f}")

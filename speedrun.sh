@@ -73,7 +73,7 @@ run_stage grpo    $PY grpo.py --seed=$SEED --device=$DEVICE --init_from=$OUT/sft
                       --out_dir=$OUT/grpo $GRPO_ARGS
 
 # Evaluation: every model on the same held-out problems (test split, seed 1) in both modes, greedy;
-# decode throughput of parent and child side by side.
+# decode throughput of child and parent, timed together.
 evaluate() {
   for model in parent child sft grpo; do
     for mode in on off; do
@@ -81,9 +81,8 @@ evaluate() {
           --out=$OUT/eval/${model}_${mode}.json
     done
   done
-  for model in parent child; do
-    $PY sample.py --ckpt=$OUT/$model --bench=True $BENCH_ARGS --out=$OUT/eval/${model}_bench.json
-  done
+  # parent and child timed together (interleaved repeats): the ratio survives a machine whose load changes
+  $PY sample.py --ckpt=$OUT/child --bench=True --baseline=$OUT/parent $BENCH_ARGS --out=$OUT/eval/bench.json
 }
 run_stage eval evaluate
 run_stage report $PY report.py --out_dir=$OUT
