@@ -247,17 +247,23 @@ def _specials_from_hf_config(path, n_ranks):
     return specials
 
 
+def tokenizer_file(folder):
+    """The tokenizer.model of a checkpoint folder: at its root, or under original/ (the layout of
+    Hugging Face Llama downloads); None if there is none."""
+    for cand in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+        if os.path.isfile(os.path.join(folder, cand)):
+            return os.path.join(folder, cand)
+    return None
+
+
 def load_tokenizer(path):
     """path: a tiktoken ranks file, or a folder holding tokenizer.model (or original/tokenizer.model,
     the layout of HF Llama downloads). Pattern and special tokens come from tokenizer_meta.json beside
     the file, else a tokenizer_config.json (beside it or in the folder), else Llama 3's defaults:
     LLAMA3_PATTERN and the 256 Llama 3 special tokens at ids n_ranks + i."""
     if os.path.isdir(path):
-        for cand in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-            if os.path.isfile(os.path.join(path, cand)):
-                model_file = os.path.join(path, cand)
-                break
-        else:
+        model_file = tokenizer_file(path)
+        if model_file is None:
             raise FileNotFoundError(f"{path}: no tokenizer.model or original/tokenizer.model")
         folders = [os.path.dirname(model_file), path]
     elif os.path.isfile(path):

@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
                           check_writable_dir)
-from data import ADD_TASK, DataError, check_format, heldout_problems, load_sft_jsonl, load_tokenizer
+from data import (ADD_TASK, DataError, check_format, heldout_problems, load_sft_jsonl, load_tokenizer,
+                  tokenizer_file)
 from evaluate import evaluate_problems
 from model import CheckpointError, NonFiniteError, count_params, load_config, load_model
 from runtime import (MetricsLog, autocast, chunked_cross_entropy, config_dict, grad_accum_steps, grad_sync,
@@ -124,13 +125,6 @@ class SFTConfig:
         check_writable_dir(self.out_dir, "out_dir")
         check(os.path.realpath(self.out_dir) != os.path.realpath(self.init_from), "out_dir", self.out_dir,
               "must differ from --init_from (the run would overwrite its starting checkpoint)")
-
-
-def tokenizer_file(folder):
-    for cand in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-        if os.path.isfile(os.path.join(folder, cand)):
-            return os.path.join(folder, cand)
-    return None
 
 
 def parse_data_spec(spec):
