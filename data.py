@@ -37,7 +37,7 @@ import regex
 import tiktoken
 from tqdm import tqdm
 
-from configurator import (ConfigError, UserError, atomic_write, check, check_positive, check_range,
+from configurator import (ConfigError, UserError, atomic_write, check, check_choice, check_positive, check_range,
                           check_readable, check_writable_dir, sniff_file)
 
 
@@ -51,6 +51,14 @@ class DataError(UserError):
 # Llama 3's pre-tokenisation split pattern (Meta's llama3 tokenizer.py).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The default world's pre-tokenisation: Llama 3's pattern with two changes for a model this small.
+# A word never absorbs the space before it (` fish` -> ` ` `fish`), so a word is the same token in a
+# prompt and at the start of an answer line, and echoing it is copying a token: with Llama 3's
+# pattern 26 of the 32 world words were one token after a space and 2-3 pieces at a line start.
+# Numbers split into single digits (as Llama 1 and 2 do), so 417 is always 4 1 7, not one or two
+# pieces whose boundaries vary with the merges.
+NANO_PATTERN = r"\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PATTERNS = {"nano": NANO_PATTERN, "llama3": LLAMA3_PATTERN}
 
 # The 256 special tokens of Llama 3.1 / 3.3 (the parents of LN-Nano/Super/Ultra), in id order: they
 # are not in tokenizer.model and get ids n_ranks + i (128000 + i for the real file). Order as in
@@ -436,7 +444,7 @@ def check_format(response_text, reasoning):
 # table, which the pretraining corpus states in full).
 #
 # Chat-style tasks ("off" mode, also given short traces so both modes exist for every prompt):
-# echo / count / last word / list over a 32-word vocabulary, and next (successor of 0..998).
+# echo / count / last word / list over a 32-word vocabulary, and next (successor of 0..9998).
 
 ADD_TASK = "addmod10"
 CHAT_TASKS = ("echo", "count", "last", "list", "next")
@@ -508,10 +516,10 @@ def _random_problem(rng, task, k_min, k_max):
         task = rng.choice(CHAT_TASKS)
     if task == ADD_TASK:
         return addmod_problem([rng.randrange(10) for _ in range(rng.randint(k_min, k_max))])
-    if task == "next":
-        return chat_problem("next", [rng.randrange(999)])
-    if task in CHAT_TASKS:
-        return chat_problem(task, [rng.choice(WORDS) for _ in range(rng.randint(1, 5))])
+    if task == "next":   # 0..9998: ~1,000 distinct problems per held-out split
+        return chat_problem("next", [rng.randrange(9999)])
+    if task in CHAT_TASKS:   # distinct words: "the word after dog" has one answer when copying
+        return chat_problem(task, rng.sample(WORDS, rng.randint(1, 5)))
     raise ValueError(f"unknown task {task!r}; valid: {TASKS + ('chat',)}")
 
 
@@ -555,16 +563,36 @@ def heldout_problems(split, n, seed, k_min=3, k_max=8, chat_share=0.4, n_chat=No
     if n < 1:
         raise ValueError(f"heldout_problems: n must be >= 1, got {n}")
     n_chat = round(n * chat_share) if n_chat is None else n_chat
-    ks = list(range(k_min, k_max + 1))
-    n_add = n - n_chat
     probs = []
-    for i, k in enumerate(ks):
-        m = n_add // len(ks) + (i < n_add % len(ks))
+    for k, m in chains_per_k(split, n - n_chat, k_min, k_max).items():
         if m:
             probs += generate_problems(ADD_TASK, split, m, seed, k, k, unique=True)
     if n_chat:
         probs += generate_problems("chat", split, n_chat, seed, unique=True)
     return probs
+
+
+def chains_per_k(split, n, k_min, k_max):
+    """n chains spread evenly over k in [k_min, k_max], except that a k whose split holds few
+    distinct chains gives at most half of them (k=3: 104 in test, so at most 52) and the longer
+    chains take the rest. 500 test problems (300 chains) are 50 per k = 3..8 either way."""
+    ks = list(range(k_min, k_max + 1))
+    cap = {k: split_capacity(split, k) // 2 for k in ks}
+    out, free = {}, list(ks)
+    while free:
+        left = n - sum(out.values())
+        share = {k: left // len(free) + (i < left % len(free)) for i, k in enumerate(free)}
+        capped = [k for k in free if share[k] > cap[k]]
+        if not capped:
+            out.update(share)
+            break
+        for k in capped:
+            out[k] = cap[k]
+            free.remove(k)
+    if sum(out.values()) < n:
+        raise ValueError(f"the {split} split holds too few distinct chains with k in [{k_min}, {k_max}] "
+                         f"for {n} of them (at most half of each k's are drawn)")
+    return dict(sorted(out.items()))
 
 
 def _normalise(text):
@@ -637,9 +665,9 @@ def _doc_words(rng, split):
     a word list or number run is redrawn until all the problems it answers are in `split`."""
     parts = []
     for _ in range(rng.randint(3, 6)):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 5))]
+        words = rng.sample(WORDS, rng.randint(1, 5))
         while not _states_only(split, [chat_problem(t, words) for t in ("echo", "count", "last", "list")]):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(1, 5))]
+            words = rng.sample(WORDS, rng.randint(1, 5))
         name, style = rng.choice(NAMES), rng.randrange(5)
         if style == 0:
             parts.append(f"{name} has a {words[0]} and a {words[-1]}.")
@@ -652,11 +680,56 @@ def _doc_words(rng, split):
         elif style == 3:
             parts.append("Items:\n" + "\n".join(f"- {w}" for w in words))
         else:
-            n, m = rng.randrange(990), rng.randint(3, 8)
+            n, m = rng.randrange(9990), rng.randint(3, 8)
             while not _states_only(split, [chat_problem("next", [n + i]) for i in range(m - 1)]):
-                n, m = rng.randrange(990), rng.randint(3, 8)
+                n, m = rng.randrange(9990), rng.randint(3, 8)
             parts.append(f"Counting: {', '.join(str(n + i) for i in range(m))}.")
     return "\n".join(parts)
+
+
+def _copy_segments(rng, split):
+    """One copy exercise as (text, is_target) segments: spans of 2-10 words or 3-12 digits, each
+    written twice; the loss falls on the second copy only (build_copy_documents). The second copy is
+    predictable only by finding the first and reading on, what an induction head does. A span of 1-5
+    distinct words states the answer of an echo problem, so it is redrawn until that problem is in
+    `split`; a span of digits joined by "+" is a chain's operands, redrawn until the chain is."""
+    segs = []
+    for i in range(rng.randint(3, 6)):
+        if rng.random() < 0.7:
+            words = [rng.choice(WORDS) for _ in range(rng.randint(2, 10))]
+            while len(words) <= 5 and len(set(words)) == len(words) and \
+                    not _states_only(split, [chat_problem("echo", words)]):
+                words = [rng.choice(WORDS) for _ in range(rng.randint(2, 10))]
+            span = " ".join(words)
+        else:
+            digits = [rng.randrange(10) for _ in range(rng.randint(3, 12))]
+            while not _states_only(split, [addmod_problem(digits)]):
+                digits = [rng.randrange(10) for _ in range(rng.randint(3, 12))]
+            span = rng.choice(("+", " ")).join(map(str, digits))
+        name, style = rng.choice(NAMES), rng.randrange(4)
+        lead, mid, tail = {0: (f"{name} wrote: ", "; and again: ", "."), 1: ("", " | ", ""),
+                           2: ("Copy: ", "\n", ""), 3: ("", "\nAgain: ", "")}[style]
+        segs += [(("\n" if i else "") + lead + span + mid, False), (span, True), (tail, False)]
+    return [(t, m) for t, m in segs if t]
+
+
+def build_copy_documents(tok, n_docs, seed, split="train"):
+    """n_docs copy exercises -> (ids, mask) pairs (each starts with BOS; mask 1 on the second copy
+    of every span). Pretraining with loss on the whole text forms the copy circuit slowly: in our
+    runs a 6-layer nano model still answered echo 0%, last 2% after 250 steps with a third of its
+    documents such copies (loss on both halves: the first half is noise). A 6-layer model trained on
+    chat answers reached echo / list / last 0.72 / 0.80 / 1.00 in 600 steps with half its examples
+    masked copies and 0.00 / 0.00 / 0.04 without them."""
+    rng = random.Random(f"copies/{seed}/{split}")
+    docs = []
+    for _ in range(n_docs):
+        ids, mask = [tok.bos_id], [0]
+        for text, target in _copy_segments(rng, split):
+            t = tok.encode(text)
+            ids += t
+            mask += [int(target)] * len(t)
+        docs.append((ids, mask))
+    return docs
 
 
 def build_pretrain_corpus(n_docs, seed, split="train", k_min=2, k_max=8):
@@ -682,17 +755,19 @@ def build_pretrain_corpus(n_docs, seed, split="train", k_min=2, k_max=8):
 # nano parent's pretraining mixes in conversations in the Llama 3 chat template whose assistant
 # turn is the bare answer: problems of the requested split (train for the training shards), a
 # system prompt drawn from a few generic ones (never the reasoning toggle: that is SFT's), and
-# one turn in four with an earlier exchange in the history. Loss falls on every token, as in
-# pretraining.
+# one turn in four with an earlier exchange in the history. The loss falls on the answers only
+# (the shards carry a loss mask): with loss on every token, as in plain pretraining, a prompt's
+# random words are unpredictable and their gradient drowns the answers' (the parent copied 0%).
 
 PARENT_SYSTEM_PROMPTS = ("", "", "You are a helpful assistant.", "Answer the question.",
                          "Be brief.", "You are a careful assistant. Reply with the answer only.")
 
 
 def build_chat_documents(tok, n_docs, seed, split="train", k_min=2, k_max=8, chat_share=0.75):
-    """n_docs instruct conversations rendered with the chat template -> token lists (each starts
-    with BOS and ends with <|eot_id|>). A share chat_share of the questions are chat tasks, the
-    rest addition chains; the answer is given directly (no think block)."""
+    """n_docs instruct conversations rendered with the chat template -> (ids, mask) pairs (ids start
+    with BOS and end with <|eot_id|>; mask 1 on the answers, render_chat's). A share chat_share of
+    the questions are chat tasks, the rest addition chains; the answer is given directly (no think
+    block)."""
     rng = random.Random(f"parent-chat/{seed}/{split}")
     n_chat = round(n_docs * 2 * chat_share)
     probs = (generate_problems(ADD_TASK, split, n_docs * 2 - n_chat, seed, k_min, k_max)
@@ -705,8 +780,39 @@ def build_chat_documents(tok, n_docs, seed, split="train", k_min=2, k_max=8, cha
         if rng.random() < 0.25:
             msgs += [{"role": "user", "content": q["prompt"]}, {"role": "assistant", "content": q["answer"]}]
         msgs += [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["answer"]}]
-        docs.append(tok.render_chat(msgs)[0])
+        docs.append(tok.render_chat(msgs))
     return docs
+
+
+# The parent's instruct phase (sft.py on these rows, after pretraining): the same conversations as
+# rows of the SFT schema, so the loss falls on the answers only. In pretraining every prompt token
+# carries loss, and a prompt's random words are unpredictable: their gradient drowns the answers'.
+# System prompts are generic (never the reasoning toggle, which is SFT's), so the parent learns to
+# answer whatever the system turn says.
+INSTRUCT_SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer the question.", "Be brief.",
+                           "You are a careful assistant. Reply with the answer only.", "Reply directly.")
+
+
+def instruct_rows(n, split, seed, k_min=2, k_max=8, chat_share=0.8):
+    """n instruct rows (SFT schema, reasoning "off", a generic system prompt, the answer given
+    directly): a share chat_share of chat tasks, the rest addition chains; one row in four has an
+    earlier exchange in its history."""
+    rng = random.Random(f"instruct/{seed}/{split}")
+    n_chat = round(2 * n * chat_share)
+    probs = (generate_problems(ADD_TASK, split, 2 * n - n_chat, seed, k_min, k_max)
+             + generate_problems("chat", split, n_chat, seed))
+    rng.shuffle(probs)
+    rows = []
+    for i in range(n):
+        p, q = probs[2 * i], probs[2 * i + 1]
+        history = [{"role": "user", "content": q["prompt"]}, {"role": "assistant", "content": q["answer"]}] \
+            if rng.random() < 0.25 else []
+        system = rng.choice(INSTRUCT_SYSTEM_PROMPTS)
+        rows.append({"input": history + [{"role": "user", "content": p["prompt"]}], "output": p["answer"],
+                     "reasoning": "off", "system_prompt": system, "category": "chat" if p["task"] != ADD_TASK else "math",
+                     "license": "generated", "generator": "data.py", "used_in_training": "yes",
+                     "version": "nano-instruct-1", "task": p["task"], "k": p["k"]})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -717,27 +823,41 @@ def dtype_for_vocab(n_vocab):
     return np.dtype(np.uint16) if n_vocab <= 2 ** 16 else np.dtype(np.uint32)
 
 
-def write_token_shards(doc_token_lists, folder, dtype, bos_id=None, shard_tokens=50_000_000):
+def write_token_shards(doc_token_lists, folder, dtype, bos_id=None, shard_tokens=50_000_000, masks=None):
     """Write docs (lists of ids, each starting with bos_id; None: the first doc's first id) to
     folder/shard_XXX.bin + index.json ({"dtype", "n_tokens", "n_docs", "bos_id", "shards":
-    [{"file", "n_tokens"}]}). dtype: dtype_for_vocab(n_vocab), uint16 below 65,536 ids."""
+    [{"file", "n_tokens"}]}). dtype: dtype_for_vocab(n_vocab), uint16 below 65,536 ids.
+    masks (optional, one 0/1 list per doc, as long as it): the loss mask of every token as a
+    target (1: predict it), written beside each shard as mask_XXX.bin (uint8; "mask_file")."""
     dtype = np.dtype(dtype)
     if dtype not in (np.uint16, np.uint32):
         raise ValueError(f"dtype must be uint16 or uint32, got {dtype}")
     limit = np.iinfo(dtype).max
     os.makedirs(folder, exist_ok=True)
-    shards, buf, n_buf, n_docs, n_tokens = [], [], 0, 0, 0
+    shards, buf, mbuf, n_buf, n_docs, n_tokens = [], [], [], 0, 0, 0
 
     def flush():
-        nonlocal buf, n_buf
+        nonlocal buf, mbuf, n_buf
         if not n_buf:
             return
         name = f"shard_{len(shards):03d}.bin"
         arr = np.concatenate(buf).astype(dtype)
         atomic_write(os.path.join(folder, name), arr.tofile)
         shards.append({"file": name, "n_tokens": int(n_buf)})
-        buf, n_buf = [], 0
+        if masks is not None:
+            shards[-1]["mask_file"] = f"mask_{len(shards) - 1:03d}.bin"
+            atomic_write(os.path.join(folder, shards[-1]["mask_file"]), np.concatenate(mbuf).astype(np.uint8).tofile)
+        buf, mbuf, n_buf = [], [], 0
+    if masks is not None:
+        doc_token_lists = list(doc_token_lists)
+        if len(masks) != len(doc_token_lists):
+            raise ValueError(f"{len(masks)} masks for {len(doc_token_lists)} documents")
     for i, doc in enumerate(doc_token_lists):
+        if masks is not None:
+            m = np.asarray(masks[i], dtype=np.int64)
+            if m.shape != (len(doc),) or not np.isin(m, (0, 1)).all():
+                raise ValueError(f"document {i}: its mask must be {len(doc)} values of 0 or 1")
+            mbuf.append(m)
         arr = np.asarray(doc, dtype=np.int64)
         if bos_id is None and arr.ndim == 1 and len(arr):
             bos_id = int(arr[0])
@@ -761,10 +881,11 @@ def write_token_shards(doc_token_lists, folder, dtype, bos_id=None, shard_tokens
     return index
 
 
-def load_token_shards(folder, n_vocab=None):
+def load_token_shards(folder, n_vocab=None, with_mask=False):
     """folder written by write_token_shards -> 1-D array of ids (a read-only np.memmap for one
-    shard, a concatenated array for several). Checks dtype, file sizes, the leading bos_id and,
-    given n_vocab, that every id is below it."""
+    shard, a concatenated array for several); with_mask=True -> (ids, loss mask or None when the
+    shards have none). Checks dtype, file sizes, the leading bos_id and, given n_vocab, that every
+    id is below it."""
     path = os.path.join(folder, "index.json")
     try:
         with open(path) as f:
@@ -795,7 +916,19 @@ def load_token_shards(folder, n_vocab=None):
         raise DataError(f"{path}: data does not start with bos_id={index['bos_id']}")
     if n_vocab is not None and len(data) and int(data.max()) >= n_vocab:
         raise DataError(f"{path}: id {int(data.max())} >= n_vocab={n_vocab}")
-    return data
+    if not with_mask:
+        return data
+    if not any("mask_file" in s for s in index["shards"]):
+        return data, None
+    masks = []
+    for s in index["shards"]:
+        if "mask_file" not in s:
+            raise DataError(f"{path}: shard {s['file']} has no mask_file while others have one")
+        fp = os.path.join(folder, s["mask_file"])
+        if not os.path.isfile(fp) or os.path.getsize(fp) != s["n_tokens"]:
+            raise DataError(f"{fp}: missing or not {s['n_tokens']} bytes (one uint8 per token)")
+        masks.append(np.memmap(fp, dtype=np.uint8, mode="r"))
+    return data, masks[0] if len(masks) == 1 else np.concatenate(masks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -958,6 +1091,8 @@ class DataConfig:
     out_dir: str = "out/data"
     seed: int = 1337
     vocab_size: int = 768            # 256 bytes + 256 merges + 256 Llama 3 specials
+    split_pattern: str = "nano"      # pre-tokenisation: nano (words apart from their spaces, single
+                                     # digits: NANO_PATTERN) | llama3 (Llama 3's own)
     tokenizer_chars: int = 600_000   # BPE training text; ~1-2 s of merges
     pretrain_tokens: int = 2_000_000   # ~2-3 min at ~15k tok/s on 2 cores (design.md)
     pretrain_val_tokens: int = 100_000
@@ -970,7 +1105,12 @@ class DataConfig:
     sft_val: int = 1_000
     chat_frac: float = 0.25          # share of chat-style prompts in SFT
     parent_chat_frac: float = 0.3    # share of pretraining tokens that are chat conversations
-                                     # answered directly (what makes the parent an instruct model)
+                                     # answered directly (what makes the parent an instruct model);
+                                     # the loss falls on their answers only
+    parent_copy_frac: float = 0.25   # share of pretraining tokens that are copy exercises (loss on
+                                     # the second copy only): what forms the copy circuit in time
+    instruct_train: int = 40_000     # the parent's instruct rows (sft.py, loss on the answers only)
+    instruct_val: int = 1_000
     rl_train: int = 4_000            # addmod10 prompts for GRPO
     val_per_k: int = 30              # unique val problems per k (k=3 has ~100 in each split)
     test_per_k: int = 50
@@ -996,6 +1136,8 @@ class DataConfig:
         check(not self.tokenizer, "tokenizer", self.tokenizer,
               "is used only with --tokenize_text (the default world trains its own tokenizer)")
         check_range(self, "vocab_size", 512)   # 256 byte tokens + 256 Llama 3 special tokens
+        check_choice(self, "split_pattern", tuple(PATTERNS))
+        check_positive(self, "instruct_train", "instruct_val")
         check_positive(self, "tokenizer_chars", "pretrain_tokens", "pretrain_val_tokens", "rl_train",
                        "val_per_k", "test_per_k")
         check_range(self, "test_chat", 0)
@@ -1011,6 +1153,9 @@ class DataConfig:
                   "must be an even number >= 2 (each SFT prompt is written in both reasoning modes)")
         check_range(self, "chat_frac", 0, 1)
         check_range(self, "parent_chat_frac", 0, 1, hi_open=True)  # 1 would leave no room for text
+        check_range(self, "parent_copy_frac", 0, 1, hi_open=True)
+        check(self.parent_chat_frac + self.parent_copy_frac < 1, "parent_copy_frac", self.parent_copy_frac,
+              f"+ --parent_chat_frac={self.parent_chat_frac} must leave room for text (sum < 1)")
         for split, flag in (("val", "val_per_k"), ("test", "test_per_k")):
             for k in range(self.eval_k_min, self.k_max + 1):
                 if getattr(self, flag) <= 0.08 * 10 ** k:   # every split holds > 8% of the 10^k chains
@@ -1040,10 +1185,12 @@ def prepare(cfg):
     # role names and system prompts as the template lays them out, so they get merges too
     sample_sft = [f"system\n\n{r['system_prompt']}\nuser\n\n{r['input'][0]['content']}\n"
                   f"assistant\n\n{r['output']}" for r in _sft_rows(2000, "train", cfg.seed + 7, cfg)]
+    sample_sft += [f"system\n\n{r['system_prompt']}\nuser\n\n{r['input'][-1]['content']}\n"
+                   f"assistant\n\n{r['output']}" for r in instruct_rows(500, "train", cfg.seed + 7)]
     text = "\n\n".join(sample_docs + sample_sft)      # ~120k + ~170k chars
     text = text[:cfg.tokenizer_chars]
     try:
-        tok = train_tokenizer(text, cfg.vocab_size, out)
+        tok = train_tokenizer(text, cfg.vocab_size, out, pattern=PATTERNS[cfg.split_pattern])
     except DataError as e:
         raise ConfigError(f"--vocab_size={cfg.vocab_size}: {e}; lower --vocab_size or raise "
                           f"--tokenizer_chars={cfg.tokenizer_chars}") from None
@@ -1053,30 +1200,38 @@ def prepare(cfg):
     sizes = {}
     for split, split_name, budget in (("train", "pretrain_train", cfg.pretrain_tokens),
                                       ("val", "pretrain_val", cfg.pretrain_val_tokens)):
-        docs, n_tok, n_chat_tok, batch = [], 0, 0, 0
+        # documents: (ids, mask, kind); text is predicted whole (mask None), a conversation only in
+        # its answers (the chat template's mask), a copy exercise only in its second copies
+        docs, n_tok, n_kind, batch = [], 0, Counter(), 0
         bar = tqdm(total=budget, desc=split_name, unit="tok", leave=False)
+        text_frac = 1 - cfg.parent_chat_frac - cfg.parent_copy_frac
         while n_tok < budget:
-            texts = build_pretrain_corpus(500, cfg.seed * 1000 + batch, split, cfg.k_min, cfg.k_max)
-            batch_docs = [([tok.bos_id] + ids, False) for ids in tok.encode_batch(texts)]
+            bseed = cfg.seed * 1000 + batch
+            texts = build_pretrain_corpus(500, bseed, split, cfg.k_min, cfg.k_max)
+            batch_docs = [([tok.bos_id] + ids, None, "text") for ids in tok.encode_batch(texts)]
+            text_tok = sum(len(d) for d, _, _ in batch_docs)
             if cfg.parent_chat_frac > 0:  # conversations: parent_chat_frac of the tokens
-                text_tok = sum(len(d) for d, _ in batch_docs)
-                want = text_tok * cfg.parent_chat_frac / (1 - cfg.parent_chat_frac)
-                chats = build_chat_documents(tok, max(1, round(want / 50)),  # ~50 tokens each
-                                             cfg.seed * 1000 + batch, split, cfg.k_min, cfg.k_max)
-                batch_docs += [(d, True) for d in chats]
-                random.Random(cfg.seed * 1000 + batch).shuffle(batch_docs)
-            for d, is_chat in batch_docs:
-                docs.append(d)
+                want = text_tok * cfg.parent_chat_frac / text_frac
+                batch_docs += [(d, m, "chat") for d, m in build_chat_documents(
+                    tok, max(1, round(want / 50)), bseed, split, cfg.k_min, cfg.k_max)]  # ~50 tokens each
+            if cfg.parent_copy_frac > 0:  # copy exercises: parent_copy_frac of the tokens (~90 each)
+                want = text_tok * cfg.parent_copy_frac / text_frac
+                batch_docs += [(d, m, "copy") for d, m in build_copy_documents(tok, max(1, round(want / 90)),
+                                                                                 bseed, split)]
+            random.Random(bseed).shuffle(batch_docs)
+            for d, m, kind in batch_docs:
+                docs.append((d, m))
                 n_tok += len(d)
-                n_chat_tok += len(d) * is_chat
+                n_kind[kind] += len(d)
                 bar.update(len(d))
                 if n_tok >= budget:
                     break
             batch += 1
         bar.close()
-        idx = write_token_shards(docs, os.path.join(out, split_name), dtype_for_vocab(tok.n_vocab),
-                                 tok.bos_id)
-        sizes[split_name] = {"tokens": idx["n_tokens"], "docs": idx["n_docs"], "chat_tokens": n_chat_tok}
+        idx = write_token_shards([d for d, _ in docs], os.path.join(out, split_name), dtype_for_vocab(tok.n_vocab),
+                                 tok.bos_id, masks=[[1] * len(d) if m is None else m for d, m in docs])
+        sizes[split_name] = {"tokens": idx["n_tokens"], "docs": idx["n_docs"],
+                             **{f"{k}_tokens": n_kind[k] for k in ("text", "chat", "copy")}}
     # 3. SFT, RL, val/test problems
     for name, n, split in (("sft_train", cfg.sft_train, "train"), ("sft_val", cfg.sft_val, "val")):
         rows = _sft_rows(n, split, cfg.seed, cfg)
@@ -1085,6 +1240,10 @@ def prepare(cfg):
                                         + r["input"] + [{"role": "assistant",
                                                          "content": r["output"]}])[0]) for r in rows)
         sizes[name] = {"rows": len(rows), "tokens": n_tok}
+    for name, n, split in (("instruct_train", cfg.instruct_train, "train"), ("instruct_val", cfg.instruct_val, "val")):
+        rows = instruct_rows(n, split, cfg.seed, cfg.k_min, cfg.k_max)
+        write_sft_jsonl(rows, os.path.join(out, f"{name}.jsonl"))
+        sizes[name] = {"rows": len(rows)}
     rl = generate_problems(ADD_TASK, "train", cfg.rl_train, cfg.seed + 2, cfg.k_min, cfg.k_max)
     write_rl_jsonl(rl, os.path.join(out, "rl_train.jsonl"))
     sizes["rl_train"] = {"rows": len(rl)}

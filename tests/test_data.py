@@ -475,7 +475,7 @@ def test_tokenize_local_corpus(tmp_path):
 
 def test_prepare_small_world(tmp_path):
     cfg = parse_config(data.DataConfig, [
-        f"--out_dir={tmp_path}", "--tokenizer_chars=100000", "--pretrain_tokens=20000",
+        f"--out_dir={tmp_path}", "--tokenizer_chars=300000", "--pretrain_tokens=20000",
         "--pretrain_val_tokens=3000", "--sft_train=200", "--sft_val=40", "--rl_train=50",
         "--val_per_k=5", "--test_per_k=5", "--test_chat=20"])
     sizes = data.prepare(cfg)
