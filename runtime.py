@@ -5,10 +5,12 @@ one error path live in configurator.py (re-exported here for the stage scripts).
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import pickle
+import time
 
 import numpy as np
 import torch
@@ -88,11 +90,52 @@ def grad_sync(model, last_micro_step):
     return contextlib.nullcontext()
 
 
-def autocast(device):
-    """bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU, where bf16
-    matmuls are slower than fp32 on most cores."""
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(device, precision="auto"):
+    """--precision: "bf16" (autocast: matmuls in bf16, weights, optimizer and losses in fp32),
+    "fp32", or "auto": bf16 on a GPU; on a CPU bf16 only where cpu_bf16_speedup() measures bf16
+    matmuls faster. CPUs differ: with AVX512-BF16 or AMX a bf16 matmul is 3-8x an fp32 one (an
+    AMD EPYC with avx512_bf16: 100 -> 310 GFLOP/s at 8192 x 128 x 384; the nano parent's training
+    step 7.6k -> 9.8k tokens/s), without them bf16 is emulated and slower."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
     if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return "bf16"
+    return "bf16" if cpu_bf16_speedup() >= 1.3 else "fp32"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(m=4096, k=128, n=384, repeats=5):
+    """Time of an fp32 (m x k) @ (k x n) matmul over the same under bf16 autocast, best of
+    `repeats` each, on this CPU (~50 ms). The shape is the nano models' (tokens x hidden x FFN)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+
+    def best(f):
+        f()  # warm-up (oneDNN picks its kernel on the first call)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    t32 = best(lambda: a @ b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t16 = best(lambda: a @ b)
+    return t32 / t16
+
+
+def autocast(device, precision=None):
+    """The forward pass's autocast for a resolved precision (resolve_precision): "bf16" (bf16
+    matmuls, fp32 weights) or "fp32" (nothing). None: bf16 on a GPU, fp32 on a CPU (what the
+    stages without a --precision flag run: puzzle.py's scores and costs)."""
+    if precision is None:
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    if precision == "bf16":
+        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -152,9 +195,19 @@ def read_metrics(path):
     return rows
 
 
-def plot_curves(path_png, rows, keys, xkey="step", title=""):
-    """Draw metric curves (one line per key present) to a PNG. matplotlib is imported lazily and
-    with the non-interactive backend, so a machine without a display can plot."""
+def moving_average(values, window):
+    """Trailing mean over up to `window` points (the first points average what there is)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_curves(path_png, rows, keys, xkey="step", title="", smooth=1):
+    """Draw metric curves (one line per key present) to a PNG, each a trailing moving average of
+    `smooth` points (1: as logged). matplotlib is imported lazily and with the non-interactive
+    backend, so a machine without a display can plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,8 +215,9 @@ def plot_curves(path_png, rows, keys, xkey="step", title=""):
     for k in keys:
         pts = [(r[xkey], r[k]) for r in rows if k in r and r[k] is not None]
         if pts:
-            ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
-    ax.set_xlabel(xkey)
+            xs, ys = zip(*pts)
+            ax.plot(xs, moving_average(list(ys), smooth), label=k, marker="." if len(pts) < 30 else None)
+    ax.set_xlabel(xkey + (f" (moving average of {smooth})" if smooth > 1 else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -290,12 +344,16 @@ def step_offsets(n_tokens, seed, step, n_windows, seq_len):
     return rng.integers(0, n_tokens - seq_len - 1, size=n_windows)
 
 
-def windows(data, offsets, seq_len, bos_id, device):
+def windows(data, offsets, seq_len, bos_id, device, mask=None):
     """Token windows -> (x, y, doc_ids, positions). Targets that are a BOS (the start of the next
-    packed document, unpredictable from this one) are ignored (-100)."""
+    packed document, unpredictable from this one) are ignored (-100), and so are those whose loss
+    mask (the shards' mask_*.bin, data.write_token_shards) is 0."""
     buf = np.stack([np.asarray(data[o:o + seq_len + 1], dtype=np.int64) for o in offsets])
     buf = torch.from_numpy(buf).to(device)
     x, y = buf[:, :-1], buf[:, 1:].clone()
     y[y == bos_id] = -100
+    if mask is not None:
+        keep = np.stack([np.asarray(mask[o + 1:o + seq_len + 1], dtype=bool) for o in offsets])
+        y[~torch.from_numpy(keep).to(device)] = -100
     doc_ids, positions = doc_ids_and_positions(x, bos_id)
     return x, y, doc_ids, positions
