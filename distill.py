@@ -34,7 +34,7 @@ from configurator import (check, check_choice, check_positive, check_range, chec
                           check_writable_dir)
 from data import load_token_shards, load_tokenizer
 from model import ModelConfig, NonFiniteError, Transformer, count_params, load_config, load_model
-from runtime import (ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
+from runtime import (PRECISIONS, pick_device, resolve_precision, ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
                      config_dict, grad_accum_steps, grad_sync, load_trainer_state, lr_at, make_optimizer,
                      plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, step_offsets,
                      teardown_dist, windows)
@@ -78,6 +78,7 @@ class DistillConfig:
     # runtime
     device: str = "auto"                 # auto | cpu | cuda
     compile: bool = False
+    precision: str = "auto"              # auto | bf16 | fp32: bf16 autocast where it is faster (runtime.resolve_precision)
     seed: int = 1337
     out_dir: str = "out/parent"
     resume: bool = False
@@ -106,6 +107,8 @@ class DistillConfig:
             check_range(self, name, 0)
         check_range(self, "min_lr_frac", 0, 1)
         check_choice(self, "device", ("auto", "cpu", "cuda"))
+        check_choice(self, "precision", PRECISIONS)
+        self.precision = resolve_precision(pick_device(self.device), self.precision)  # recorded as run
         if self.init_from != "scratch":
             check_readable(self.init_from, "init_from", "dir")
         if self.teacher:
@@ -212,15 +215,16 @@ def gpu_peak_flops(device):
 
 
 @torch.no_grad()
-def evaluate(model, teacher, val, cfg, bos_id, device, layer_map):
-    """Mean per-token losses on fixed validation windows (the same windows at every eval)."""
+def evaluate(model, teacher, val, cfg, bos_id, device, layer_map, mask=None):
+    """Mean per-token losses on fixed validation windows (the same windows at every eval); the LM
+    loss over the targets the shards' loss mask keeps."""
     model.eval()
     n_win = cfg.eval_batches * cfg.device_batch_size
     offsets = step_offsets(len(val), cfg.seed, 2**32 - 1, n_win, cfg.seq_len)
     sums, n_tok, n_lm = {}, 0, 0
     for i in range(0, n_win, cfg.device_batch_size):
-        x, y, doc, pos = windows(val, offsets[i:i + cfg.device_batch_size], cfg.seq_len, bos_id, device)
-        with autocast(device):
+        x, y, doc, pos = windows(val, offsets[i:i + cfg.device_batch_size], cfg.seq_len, bos_id, device, mask)
+        with autocast(device, cfg.precision):
             for k, v in loss_sums(model, teacher, x, y, doc, pos, cfg, layer_map, need_lm=True).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         n_tok += x.numel()
@@ -230,24 +234,29 @@ def evaluate(model, teacher, val, cfg, bos_id, device, layer_map):
     return {f"val_{k}": v / norm[k] for k, v in sums.items()}
 
 
-def step_gradients(model, teacher, train, step, cfg, dist, accum, bos_id, layer_map, weights):
+def step_gradients(model, teacher, train, step, cfg, dist, accum, bos_id, layer_map, weights, mask=None):
     """Forward + backward of optimizer step `step`: this process's share of the step's global
     batch in `accum` micro-steps, gradients accumulated in .grad. Each loss term is divided by its
     count over the whole global batch (every process can count: the stream is known to all), so
     the accumulated gradient is that of the token mean over the global batch however it is split
     into processes and micro-steps. DDP averages gradients over the processes, hence the factor
-    world_size. Returns {term: this process's share of its global mean} (tensors)."""
+    world_size. The LM term counts the targets that are no BOS and that the shards' loss mask keeps
+    (text whole, a conversation's answers, a copy exercise's second copies). Returns {term: this
+    process's share of its global mean} (tensors)."""
     n_windows = cfg.total_batch_size // cfg.seq_len
     offsets = step_offsets(len(train), cfg.seed, step, n_windows, cfg.seq_len)
-    n_lm = sum(int((np.asarray(train[o + 1:o + cfg.seq_len + 1]) != bos_id).sum()) for o in offsets)
+    n_lm = sum(int(((np.asarray(train[o + 1:o + cfg.seq_len + 1]) != bos_id)
+                    & (True if mask is None else np.asarray(mask[o + 1:o + cfg.seq_len + 1], dtype=bool))).sum())
+               for o in offsets)
     norm = normalisers(n_windows * cfg.seq_len, n_lm)
     device = dist.device
     logged = {}
     for m in range(accum):
         first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
-        x, y, doc, pos = windows(train, offsets[first:first + cfg.device_batch_size], cfg.seq_len, bos_id, device)
+        x, y, doc, pos = windows(train, offsets[first:first + cfg.device_batch_size], cfg.seq_len, bos_id, device,
+                                 mask)
         with grad_sync(model, m == accum - 1):
-            with autocast(device):
+            with autocast(device, cfg.precision):
                 parts = loss_sums(model, teacher, x, y, doc, pos, cfg, layer_map)
                 loss = sum(weights[k] * v / norm[k] for k, v in parts.items()) * dist.world_size
             loss.backward()
@@ -315,8 +324,8 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     path = lambda p: p if os.path.isabs(p) else os.path.join(cfg.data_dir, p)
     tok = load_tokenizer(cfg.data_dir)
-    train = load_token_shards(path(cfg.train_data), n_vocab=tok.n_vocab)
-    val = load_token_shards(path(cfg.val_data), n_vocab=tok.n_vocab)
+    train, train_mask = load_token_shards(path(cfg.train_data), n_vocab=tok.n_vocab, with_mask=True)
+    val, val_mask = load_token_shards(path(cfg.val_data), n_vocab=tok.n_vocab, with_mask=True)
     for name, arr in ((cfg.train_data, train), (cfg.val_data, val)):
         if len(arr) < cfg.seq_len + 2:
             raise ConfigError(f"{path(name)} holds {len(arr)} tokens, fewer than one window of --seq_len={cfg.seq_len}")
@@ -373,12 +382,13 @@ def main(cfg):
     train_time, tokens_since = 0.0, 0
     for step in bar:
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step and master:
-            log.log(step=step, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map))
+            log.log(step=step, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map, val_mask))
         t0 = time.time()
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
-        logged = step_gradients(model, teacher, train, step, cfg, dist, accum, tok.bos_id, layer_map, weights)
+        logged = step_gradients(model, teacher, train, step, cfg, dist, accum, tok.bos_id, layer_map, weights,
+                                train_mask)
         names = sorted(logged)
         means = torch.stack([logged[k] for k in names])
         if dist.ddp:  # every process holds its share of the global mean
@@ -407,7 +417,7 @@ def main(cfg):
     if master:
         save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok, extra)
         if end == cfg.max_steps and cfg.eval_interval:
-            log.log(step=end, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map))
+            log.log(step=end, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map, val_mask))
         rows = read_metrics(log.path)
         keys = sorted({k for r in rows for k in r if k.startswith(("train_", "val_"))})
         plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, keys, title=f"distill.py: {cfg.out_dir}")

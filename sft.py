@@ -53,7 +53,7 @@ from data import (ADD_TASK, DataError, check_format, heldout_problems, load_sft_
                   tokenizer_file)
 from evaluate import evaluate_problems
 from model import CheckpointError, NonFiniteError, count_params, load_config, load_model
-from runtime import (MetricsLog, autocast, chunked_cross_entropy, config_dict, grad_accum_steps, grad_sync,
+from runtime import (PRECISIONS, pick_device, resolve_precision, MetricsLog, autocast, chunked_cross_entropy, config_dict, grad_accum_steps, grad_sync,
                      load_trainer_state, lr_at, make_optimizer, plot_curves, read_metrics, run_main,
                      save_checkpoint, setup_dist, teardown_dist)
 
@@ -88,6 +88,7 @@ class SFTConfig:
     # runtime
     device: str = "auto"                       # auto | cpu | cuda
     compile: bool = False
+    precision: str = "auto"                   # auto | bf16 | fp32: bf16 autocast where it is faster (runtime.resolve_precision)
     seed: int = 1337
     out_dir: str = "out/sft"
     resume: bool = False
@@ -122,6 +123,8 @@ class SFTConfig:
               self.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
               f"{self.device_batch_size} * {self.seq_len}")
         check_choice(self, "device", ("auto", "cpu", "cuda"))
+        check_choice(self, "precision", PRECISIONS)
+        self.precision = resolve_precision(pick_device(self.device), self.precision)  # recorded as run
         check_writable_dir(self.out_dir, "out_dir")
         check(os.path.realpath(self.out_dir) != os.path.realpath(self.init_from), "out_dir", self.out_dir,
               "must differ from --init_from (the run would overwrite its starting checkpoint)")
@@ -346,7 +349,7 @@ def val_loss(model, val_rows, val_sources, cfg, pad_id, device):
     for i in range(0, len(val_rows), cfg.device_batch_size):
         rows = val_rows[i:i + cfg.device_batch_size]
         x, y, doc, pos = make_batch(rows, val_sources, cfg.seq_len, pad_id, device)
-        with autocast(device):
+        with autocast(device, cfg.precision):
             total += float(loss_sum(model, x, y, doc, pos, cfg.vocab_chunk))
         n += int((y != -100).sum())
     model.train()
@@ -374,6 +377,23 @@ def evaluate(model, tok, val_rows, val_sources, problems, cfg, device, pad_id):
     if problems:
         row.update(generation_eval(model, tok, problems, cfg))
     return row
+
+
+def chain_accuracy(row, mode="on"):
+    """Accuracy on the eval's chains alone (the mean over chain lengths k of acc_{mode}_k*; the
+    eval draws the same number of chains per k)."""
+    ks = [v for k, v in row.items() if k.startswith(f"acc_{mode}_k")]
+    return sum(ks) / len(ks) if ks else None
+
+
+def convergence(rows, two_thirds, end):
+    """{"chain_accuracy_on_two_thirds", "chain_accuracy_on_end", "chain_gain_last_third"} from the
+    generation evals logged at those steps (None if one of them is missing)."""
+    at = {r["step"]: chain_accuracy(r) for r in rows if "accuracy_on" in r}
+    if at.get(two_thirds) is None or at.get(end) is None:
+        return None
+    return {"chain_accuracy_on_two_thirds": at[two_thirds], "chain_accuracy_on_end": at[end],
+            "chain_gain_last_third": at[end] - at[two_thirds]}
 
 
 def describe_eval(row):
@@ -471,6 +491,9 @@ def main(cfg):
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     end = min(max_steps, start_step + cfg.stop_after) if cfg.stop_after else max_steps
+    # Converged or not: held-out chain accuracy at 2/3 of the steps and at the end (if it still rises,
+    # a later stage's gain could be more SFT's)
+    two_thirds = round(2 * max_steps / 3)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master, append=cfg.resume)
     if not cfg.resume:
         log.log(step=0, data={s.path: s.stats() for s in sources + val_sources})
@@ -485,7 +508,8 @@ def main(cfg):
     bar = tqdm(range(start_step, end), disable=not master, desc="sft", initial=start_step, total=end)
     train_time, tokens_since, real_since = 0.0, 0, 0
     for step in bar:
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step and master:
+        due = (cfg.eval_interval and step % cfg.eval_interval == 0) or (problems and step == two_thirds)
+        if due and step > start_step and master:
             row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
             log.log(step=step, **row)
             bar.write(f"[sft] step {step}: {describe_eval(row)}", file=sys.stderr)
@@ -505,7 +529,7 @@ def main(cfg):
             x, y, doc, pos = make_batch(rows[first:first + cfg.device_batch_size], sources, cfg.seq_len,
                                         pad_id, device)
             with grad_sync(model, m == accum - 1):
-                with autocast(device):
+                with autocast(device, cfg.precision):
                     part = loss_sum(model, x, y, doc, pos, cfg.vocab_chunk) / n_targets
                 (part * dist.world_size).backward()
             logged += part.detach()
@@ -535,6 +559,12 @@ def main(cfg):
             row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
             log.log(step=end, **row)
             say(f"step {end}: {describe_eval(row)}")
+            conv = convergence(read_metrics(log.path), two_thirds, end)
+            if conv:
+                log.log(step=end, **conv)
+                say(f"held-out chains, reasoning on: {conv['chain_accuracy_on_two_thirds']:.3f} at step {two_thirds}, "
+                    f"{conv['chain_accuracy_on_end']:.3f} at step {end} ({100 * conv['chain_gain_last_third']:+.1f} points "
+                    f"in the last third)")
         rows = read_metrics(log.path)
         title = f"sft.py: {cfg.out_dir}"
         plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, ["train_loss", "val_loss"], title=title)
