@@ -350,8 +350,45 @@ def prefilter(model, tok, rows, cfg, dist, say):
     bar.close()
     pool = pool[:need]
     stats = {"prefilter_scanned": len(scanned), "prefilter_sampled": n_sampled,
-             "prefilter_dropped": sum(not k for _, _, k in scanned), "pool": len(pool)}
+             "prefilter_dropped": sum(not k for _, _, k in scanned), "pool": len(pool),
+             **pass_at_k(rows, scanned, cfg.prefilter_samples)}
     return pool, scanned, stats
+
+
+def pass_at_k(rows, scanned, n_samples):
+    """What the starting policy can do on the RL prompts, from the prefilter's samples: pass@1 (the
+    mean pass rate) and pass@n (the share of prompts solved at least once in n samples), over all
+    scanned prompts and per chain length k. RL with verifiable rewards mostly turns pass@n into
+    pass@1 (Yue et al. 2025): a wide gap is the room it has; a pass@n near 0 is none."""
+    by_k = {}
+    for i, rate, _ in scanned:
+        if rate is not None and "pass_rate" not in rows[i]:
+            by_k.setdefault(rows[i].get("k"), []).append(rate)
+    out = {}
+    for k, rates in [(None, [r for v in by_k.values() for r in v])] + sorted(
+            (k, v) for k, v in by_k.items() if isinstance(k, int)):
+        if rates:
+            tag = "" if k is None else f"_k{k}"
+            out[f"pass_at_1{tag}"] = float(np.mean(rates))
+            out[f"pass_at_{n_samples}{tag}"] = float(np.mean([r > 0 for r in rates]))
+    return out
+
+
+def rollout_bucket(row, start_rate):
+    """The difficulty bucket of a prompt for the learning curves: its chain length k when the row
+    has one (the nano world), else the starting policy's pass rate in quarters. The curriculum moves
+    the batches from easy to hard, so the batch reward falls as RL goes on even when the policy
+    improves; the reward within a bucket is what shows learning."""
+    if isinstance(row.get("k"), int):
+        return f"k{row['k']}"
+    if start_rate is None:
+        return "all"
+    q = min(int(start_rate * 4), 3)
+    return f"p{25 * q}_{25 * q + 25}"
+
+
+def bucket_order(b):
+    return (b[0], int(b[1:].split("_")[0])) if b[1:2].isdigit() else (b, 0)
 
 
 def write_prefilter(path, rows, scanned):
@@ -645,6 +682,11 @@ def main(cfg):
             f"{cfg.max_pass_rate})), "
             f"{len(pool)} kept (mean pass rate {np.mean(kept_rates) if kept_rates else float('nan'):.3f}) "
             f"in {clock.last['prefilter_s']:.1f} s")
+        G = cfg.prefilter_samples
+        by_k = sorted({int(k.rsplit("_k", 1)[1]) for k in stats if k.startswith("pass_at_1_k")})
+        if by_k:
+            say("starting policy on the scanned prompts: pass@1 / pass@{}: ".format(G) + ", ".join(
+                f"k={k} {stats[f'pass_at_1_k{k}']:.2f} / {stats[f'pass_at_{G}_k{k}']:.2f}" for k in by_k))
         log.log(step=0, **stats, **clock.last,
                 pass_rate_hist=np.histogram(kept_rates, bins=8, range=(0, 1))[0].tolist() if kept_rates else [])
     if len(pool) < cfg.prompts_per_step:
@@ -672,6 +714,7 @@ def main(cfg):
         say(f"step 0: {describe_eval(run_eval(0))}")
 
     pool_rate = dict(pool)
+    buckets = sorted({rollout_bucket(rows[i], r) for i, r in pool}, key=bucket_order)
     end = min(cfg.max_steps, start_step + cfg.stop_after) if cfg.stop_after else cfg.max_steps
     n_chunks = math.ceil(cfg.prompts_per_step / cfg.gen_groups)
     rows_per_call = cfg.gen_groups * cfg.group_size
@@ -686,8 +729,11 @@ def main(cfg):
         with clock("rollout"):
             for c in range(dist.rank, n_chunks, dist.world_size):
                 groups = list(range(c * cfg.gen_groups, min((c + 1) * cfg.gen_groups, cfg.prompts_per_step)))
-                samples += sample_groups(model, tok, [rows[idx[g]] for g in groups], [modes[g] for g in groups],
-                                         cfg.group_size, rows_per_call, cfg, chunk_seed(cfg.seed, 1, step, c))
+                out = sample_groups(model, tok, [rows[idx[g]] for g in groups], [modes[g] for g in groups],
+                                    cfg.group_size, rows_per_call, cfg, chunk_seed(cfg.seed, 1, step, c))
+                for j, s in enumerate(out):   # its bucket: what the starting policy did on the prompt
+                    s["bucket"] = rollout_bucket(rows[idx[groups[j // cfg.group_size]]], pool_rate[idx[groups[j // cfg.group_size]]])
+                samples += out
                 group_ids += groups
         timed = dict(clock.last)
         # 3-4. rewards, advantages, updates
@@ -699,6 +745,9 @@ def main(cfg):
             sums[f"n_{mode}"] = len(of)
             sums[f"acc_{mode}"] = sum(s["accuracy"] for s in of)
             sums[f"fmt_{mode}"] = sum(s["format"] for s in of)
+        for b in buckets:   # the same keys on every process (all_sum)
+            of = [s for s in samples if s["bucket"] == b and s["mode"] == "on"]
+            sums[f"n_{b}"], sums[f"acc_{b}"] = len(of), sum(s["accuracy"] for s in of)
         sums.update(n=len(samples), accuracy=sum(s["accuracy"] for s in samples),
                     format=sum(s["format"] for s in samples),
                     reward=sum(total_reward(s, cfg.format_weight) for s in samples),
@@ -717,6 +766,7 @@ def main(cfg):
                    "reward_accuracy": g["accuracy"] / g["n"], "reward_format": g["format"] / g["n"],
                    **{f"reward_accuracy_{m}": g[f"acc_{m}"] / g[f"n_{m}"] for m in ("on", "off") if g[f"n_{m}"]},
                    **{f"reward_format_{m}": g[f"fmt_{m}"] / g[f"n_{m}"] for m in ("on", "off") if g[f"n_{m}"]},
+                   **{f"reward_accuracy_on_{b}": g[f"acc_{b}"] / g[f"n_{b}"] for b in buckets if g[f"n_{b}"]},
                    "response_len": g["response_tokens"] / g["n"], "truncated": g["truncated"] / g["n"],
                    "skipped_groups": int(g["skipped_groups"]), "groups": cfg.prompts_per_step,
                    "updates": same["updates"], "trained_tokens": int(same["trained_tokens"]),
@@ -748,6 +798,10 @@ def main(cfg):
         plot_curves(os.path.join(cfg.out_dir, "reward.png"), rows_m,
                     ["reward_accuracy_on", "reward_accuracy_off", "reward_format", "accuracy_on", "accuracy_off"],
                     title=title)
+        # rollout accuracy per difficulty bucket ("on" mode): the curves that show learning
+        plot_curves(os.path.join(cfg.out_dir, "reward_by_bucket.png"), rows_m,
+                    [f"reward_accuracy_on_{b}" for b in buckets], title=title + " (rollouts, reasoning on)",
+                    smooth=max(1, min(10, cfg.max_steps // 10)))
         if problems:
             ks = sorted({k for r in rows_m for k in r if k.startswith("acc_on_k")}, key=lambda k: int(k[8:]))
             plot_curves(os.path.join(cfg.out_dir, "eval.png"), rows_m,
