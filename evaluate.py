@@ -197,7 +197,11 @@ def bench_decode_many(models, batch_size, prompt_len=32, new_tokens=128, compile
     for k, m in models.items():
         m.train(was_training[k])
         prefill, total = statistics.median(times[k]["prefill"]), statistics.median(times[k]["total"])
+        # spread: (slowest - fastest) / median of the timed full calls; on an idle machine a few
+        # percent, on a shared one tens of percent (a busy machine's costs are not the model's)
+        spread = (max(times[k]["total"]) - min(times[k]["total"])) / total if total > 0 else 0.0
         out[k] = {**_rates(prompts[k], new_tokens, prefill, total), "compile_s": max(warm[k] - total, 0.0),
+                  "spread": spread,
                   "warmup_s": warm[k], "batch_size": batch_size, "prompt_len": prompt_len,
                   "new_tokens": new_tokens, "context": prompt_len + new_tokens,
                   "path": "compiled" if compile else "eager"}

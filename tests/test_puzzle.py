@@ -54,7 +54,7 @@ def tiny_parent(layers=3, heads=4, kv=2, hidden=32, ffn=64, seed=0, vocab=768):
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("puzzle")
     data = str(d / "data")
-    prepare(DataConfig(out_dir=data, pretrain_tokens=30_000, pretrain_val_tokens=6_000, tokenizer_chars=40_000,
+    prepare(DataConfig(out_dir=data, pretrain_tokens=30_000, pretrain_val_tokens=6_000, tokenizer_chars=40_000, vocab_size=640,
                        sft_train=40, sft_val=10, rl_train=10, val_per_k=2, test_per_k=2, test_chat=2))
     parent = str(d / "parent")
     save_model(tiny_parent(), parent)
@@ -364,7 +364,9 @@ def test_end_to_end_resolve_and_errors(world, tmp_path):
     assert asm["control"]["predicted_speedup"] >= sol["predicted_speedup"] * (1 - 1e-9)
     assert len(set(asm["control"]["attention"])) == 1 and len(set(asm["control"]["ffn"])) == 1
     child = load_model(str(out / "child"))  # native, with the tokenizer: sample.py / distill.py read it
-    assert load_tokenizer(str(out / "child")).n_vocab == 768
+    assert load_tokenizer(str(out / "child")).n_vocab == 640
+    # the child was timed against the parent before acceptance (no target: one round)
+    assert len(asm["retime"]) == 1 and asm["child"]["measured_speedup"] == asm["retime"][0]["measured_speedup"] > 0
     assert child.config.num_hidden_layers == 3 - sum(len(g) - 1 for g in asm["fusion"]["groups"])
     hf = load_model(str(out / "child_hf"))  # the DeciLM export: the same layers, the same function
     assert puzzle.layout_rows(hf.config) == puzzle.layout_rows(child.config)
@@ -483,3 +485,31 @@ def test_ddp_two_processes_equal_one(world, tmp_path):
     for sub in puzzle.SUBS:
         for ra, rb in zip(sa[sub], sb[sub]):
             assert all(abs(ra[k] - rb[k]) <= 1e-4 * max(1e-3, abs(rb[k])) for k in ra)
+
+
+def test_accept_child_resolves_when_measured_falls_short(monkeypatch):
+    """A child measured slower than accept_frac x target makes the MIP solve again with the target
+    raised by predicted / measured; the fastest measured child is kept."""
+    cfg = puzzle.PuzzleConfig(target_speedup=1.6, accept_frac=0.94, retime_rounds=3)
+    measured = iter([1.2, 1.55])            # the first child falls short, the second passes
+    targets = []
+    monkeypatch.setattr(puzzle, "assemble_model", lambda parent, space, tensors, sol: sol["name"])
+    monkeypatch.setattr(puzzle, "time_child", lambda cfg, parent, child: {
+        "measured_speedup": next(measured), "parent_decode_tokens_per_s": 1.0, "child_decode_tokens_per_s": 1.0,
+        "spread": 0.01})
+
+    def fake_mip(c, space, scores, costs, L, n):
+        targets.append(c.target_speedup)
+        return [{"name": "second", "predicted_speedup": c.target_speedup}], {}
+    monkeypatch.setattr(puzzle, "mip_solutions", fake_mip)
+    pcfg = type("P", (), {"num_hidden_layers": 2})()
+    sol, child, rounds = puzzle.accept_child(cfg, pcfg, None, None, {"tensors": None}, None, None,
+                                             {"name": "first", "predicted_speedup": 1.6})
+    assert targets == [pytest.approx(1.6 * 1.6 / 1.2)]
+    assert child == "second" and [r["measured_speedup"] for r in rounds] == [1.2, 1.55]
+    # never reaching the bar: all rounds are tried and the fastest is kept
+    measured = iter([1.3, 1.1, 1.2])
+    targets.clear()
+    sol, child, rounds = puzzle.accept_child(cfg, pcfg, None, None, {"tensors": None}, None, None,
+                                             {"name": "first", "predicted_speedup": 1.6})
+    assert len(rounds) == 3 and child == "first" and len(targets) == 2
