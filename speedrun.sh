@@ -27,7 +27,7 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
 
 # Tiny sizes for the smoke run (tests/test_speedrun.py): every stage runs a few steps, nothing is compiled.
 if [[ $SMOKE == 1 ]]; then
-  DATA_ARGS="--pretrain_tokens=30000 --pretrain_val_tokens=6000 --tokenizer_chars=40000 --sft_train=120 --sft_val=20 --rl_train=32 --val_per_k=2 --test_per_k=2 --test_chat=6"
+  DATA_ARGS="--pretrain_tokens=30000 --pretrain_val_tokens=6000 --tokenizer_chars=40000 --vocab_size=640 --sft_train=120 --sft_val=20 --rl_train=32 --val_per_k=2 --test_per_k=2 --test_chat=6"
   PARENT_ARGS="--n_layer=2 --n_embd=32 --n_head=4 --n_kv_head=2 --ffn_hidden=64 --seq_len=128 --device_batch_size=4 --total_batch_size=512 --max_steps=3 --warmup_steps=1 --eval_interval=0 --eval_batches=1 --log_interval=1"
   PUZZLE_ARGS="--seq_len=32 --device_batch_size=4 --bld_batch_size=4 --bld_tokens=512 --bld_warmup_steps=1 --calib_tokens=256 --bld_eval_tokens=256 --score_tokens=256 --cost_batch_size=2 --cost_prompt_len=4 --cost_new_tokens=4 --cost_repeats=1 --compile=False --ffn_round=8 --target_speedup=0 --max_memory_bytes=$((1<<40))"
   KD_ARGS="--seq_len=64 --device_batch_size=4 --total_batch_size=256 --max_steps=2 --warmup_steps=1 --eval_interval=0 --eval_batches=1 --log_interval=1"

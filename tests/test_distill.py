@@ -28,7 +28,7 @@ TINY = ["--n_layer=2", "--n_embd=32", "--n_head=4", "--n_kv_head=2", "--ffn_hidd
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    prepare(DataConfig(out_dir=str(d), pretrain_tokens=30_000, pretrain_val_tokens=4_000, tokenizer_chars=40_000,
+    prepare(DataConfig(out_dir=str(d), pretrain_tokens=30_000, pretrain_val_tokens=4_000, tokenizer_chars=40_000, vocab_size=640,
                        sft_train=40, sft_val=10, rl_train=10, val_per_k=2, test_per_k=2, test_chat=2))
     return str(d)
 

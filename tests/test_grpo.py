@@ -169,7 +169,7 @@ def test_curriculum_moves_from_easy_to_hard_and_batches_are_deterministic():
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("grpo")
     data_dir = str(d / "data")
-    prepare(DataConfig(out_dir=data_dir, pretrain_tokens=20_000, pretrain_val_tokens=2_000, tokenizer_chars=30_000,
+    prepare(DataConfig(out_dir=data_dir, pretrain_tokens=20_000, pretrain_val_tokens=2_000, tokenizer_chars=30_000, vocab_size=640,
                        sft_train=20, sft_val=10, rl_train=10, val_per_k=2, test_per_k=2, test_chat=2))
     tok = load_tokenizer(data_dir)
     torch.manual_seed(0)
