@@ -357,6 +357,43 @@ def test_token_shards_roundtrip_and_checks(tmp_path):
         data.load_token_shards(str(tmp_path / "a"))
 
 
+def test_masked_shards_roundtrip(tmp_path):
+    """The loss mask travels beside the tokens (mask_XXX.bin) and must match them document by document."""
+    docs, masks = [[7, 1, 2, 3], [7, 4], [7, 5, 6]], [[0, 0, 1, 1], [0, 1], [1, 1, 1]]
+    data.write_token_shards(docs, str(tmp_path / "m"), np.uint16, bos_id=7, shard_tokens=4, masks=masks)
+    ids, mask = data.load_token_shards(str(tmp_path / "m"), n_vocab=768, with_mask=True)
+    assert ids.tolist() == sum(docs, []) and mask.tolist() == sum(masks, [])
+    data.write_token_shards(docs, str(tmp_path / "n"), np.uint16, bos_id=7)
+    assert data.load_token_shards(str(tmp_path / "n"), with_mask=True)[1] is None   # no mask: all targets
+    with pytest.raises(ValueError):
+        data.write_token_shards(docs, str(tmp_path / "bad"), np.uint16, bos_id=7, masks=[[1], [1, 1], [1, 1, 1]])
+
+
+def test_copy_documents_mask_only_the_second_copies(small_tok):
+    """A copy exercise's loss falls on its second copies: the masked text of each span equals its
+    unmasked first copy, and no held-out echo problem or chain is stated in a training document."""
+    tok = small_tok[0]
+    docs = data.build_copy_documents(tok, 40, seed=3, split="train")
+    assert all(ids[0] == tok.bos_id and len(ids) == len(m) and m[0] == 0 for ids, m in docs)
+    assert all(sum(m) > 0 for _, m in docs)
+    for (ids, m) in docs:
+        runs, cur = [], []
+        for t, k in zip(ids, m):
+            if k:
+                cur.append(t)
+            elif cur:
+                runs.append(cur)
+                cur = []
+        if cur:
+            runs.append(cur)
+        whole = tok.decode(ids)
+        for r in runs:
+            span = tok.decode(r)
+            assert whole.count(span) >= 2, span     # each target span was written before
+    a = data.build_copy_documents(tok, 5, seed=3, split="train")
+    assert a == docs[:5]                               # deterministic in (seed, split)
+
+
 # ---------------------------------------------------------------------------- JSONL
 
 def test_sft_jsonl_roundtrip_and_string_input(tmp_path, small_tok):

@@ -2,6 +2,7 @@
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +241,32 @@ def test_atomic_write_and_writability_checks(tmp_path):
         check_writable_dir(str(p / "sub"), "out_dir")
     with pytest.raises(ConfigError, match="not writable"):
         check_writable_dir("/proc/nanonemotron/out", "out_dir")
+
+
+def test_resolve_precision_follows_the_measured_cpu_speedup(monkeypatch):
+    """auto: bf16 on a GPU; on a CPU bf16 only when a bf16 matmul is measured >= 1.3x faster."""
+    import runtime
+    assert runtime.resolve_precision("cuda", "auto") == "bf16"
+    assert runtime.resolve_precision("cpu", "fp32") == "fp32" and runtime.resolve_precision("cpu", "bf16") == "bf16"
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 3.6)
+    assert runtime.resolve_precision("cpu", "auto") == "bf16"
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.7)   # emulated bf16: slower
+    assert runtime.resolve_precision("cpu", "auto") == "fp32"
+    with pytest.raises(runtime.ConfigError, match="--precision='fp16'"):
+        runtime.resolve_precision("cpu", "fp16")
+    monkeypatch.undo()
+    assert runtime.cpu_bf16_speedup(m=64, k=16, n=32, repeats=1) > 0   # the probe itself runs
+    assert isinstance(runtime.autocast("cpu", "bf16"), torch.autocast)
+
+
+def test_windows_apply_the_loss_mask():
+    """Targets whose mask is 0 (prompts, first copies) and BOS targets are ignored (-100)."""
+    from runtime import windows
+    data = np.array([0, 5, 6, 7, 0, 8, 9, 10, 11], dtype=np.uint16)   # BOS = 0
+    mask = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1], dtype=np.uint8)
+    x, y, doc, pos = windows(data, [0], 8, 0, "cpu", mask)
+    assert x.tolist() == [[0, 5, 6, 7, 0, 8, 9, 10]]
+    assert y.tolist() == [[-100, 6, 7, -100, 8, -100, 10, 11]]
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
+    y_all = windows(data, [0], 8, 0, "cpu")[1]
+    assert y_all.tolist() == [[5, 6, 7, -100, 8, 9, 10, 11]]
