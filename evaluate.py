@@ -57,7 +57,7 @@ def evaluate_problems(model, tok, problems, reasoning, max_new_tokens=128, batch
                       temperature=0.0, top_p=None, seed=0, compile=False, progress=None):
     """Generate an answer to every problem in one reasoning mode and grade it with the verifier.
 
-    Returns {"accuracy", "think_rate", "n", "truncated", "by_task": {task: accuracy},
+    Returns {"accuracy", "think_rate", "n", "truncated", "by_task": {task: accuracy}, "n_by_task",
     "by_k": {k: accuracy} (chain tasks), "responses": [text]}. Accuracy is data.verify (the answer
     after </think>, or the whole response when there is none, equal to the problem's answer up to
     whitespace); think_rate is the share of responses holding a <think>...</think> block; a
@@ -81,6 +81,7 @@ def evaluate_problems(model, tok, problems, reasoning, max_new_tokens=128, batch
     return {"accuracy": mean(correct), "think_rate": mean([has_think_block(t) for t in texts]),
             "n": len(problems), "truncated": sum(truncated),
             "by_task": {k: mean(v) for k, v in sorted(by_task.items())},
+            "n_by_task": {k: len(v) for k, v in sorted(by_task.items())},
             "by_k": {k: mean(v) for k, v in sorted(by_k.items())},
             "responses": texts, "correct": correct}
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from configurator import ConfigError, check_readable, run_main
+from data import ADD_TASK, CHAT_TASKS
 from model import count_params, kv_bytes_per_token, load_config
-from runtime import read_metrics
+from runtime import moving_average, read_metrics
 
 MODELS = ("parent", "child", "sft", "grpo")
 STAGES = ("data", "parent", "puzzle", "kd", "sft", "grpo", "eval")
@@ -62,11 +63,17 @@ def collect(out):
         cfg = load_config(os.path.join(out, m))
         b = bench if m == "child" else bench["baseline"]
         on, off = evals[m]["on"], evals[m]["off"]
+        # the parent and child are instruct models: judged on the direct-answer (chat) tasks, in their
+        # better mode (neither has been taught the toggle, so the modes differ only in the system prompt)
+        chat = {mode: subset_accuracy(evals[m][mode], CHAT_TASKS) for mode in ("on", "off")}
+        best = max(("on", "off"), key=lambda mode: chat[mode][0])
         r[m] = {"params": count_params(cfg), "kv_bytes_per_token": kv_bytes_per_token(cfg),
                 "decode_tokens_per_s": b["decode_tokens_per_s"],
                 "prefill_tokens_per_s": b["prefill_tokens_per_s"],
-                "accuracy": max(on["accuracy"], off["accuracy"]),
+                "accuracy": chat[best][0], "best_mode": best, "n_chat": chat[best][1],
+                "chat_by_task": {t: evals[m][best]["by_task"][t] for t in CHAT_TASKS if t in evals[m][best]["by_task"]},
                 "accuracy_on": on["accuracy"], "accuracy_off": off["accuracy"],
+                "chat_accuracy_on": chat["on"][0], "chat_accuracy_off": chat["off"][0],
                 "think_rate_on": on["think_rate"], "think_rate_off": off["think_rate"]}
     asm = _json(os.path.join(out, "puzzle", "assemble.json"))
     child, control = asm["child"], asm.get("control")
@@ -77,28 +84,48 @@ def collect(out):
                    {k: control[k] for k in ("predicted_speedup", "kl", "score", "attention", "ffn")}}
     with open(os.path.join(out, "puzzle", "layout.txt")) as f:
         r["puzzle"]["layout_table"] = f.read().rstrip()
+    r["child"]["assemble_measured_speedup"] = child.get("measured_speedup")
     r["child"]["measured_speedup"] = r["child"]["decode_tokens_per_s"] / r["parent"]["decode_tokens_per_s"]
     r["child"]["accuracy_vs_parent"] = r["child"]["accuracy"] / max(r["parent"]["accuracy"], 1e-9)
-    for m in ("sft", "grpo"):
+    for m in ("sft", "grpo"):   # the reasoning models: judged on the held-out chains
         on, off = evals[m]["on"], evals[m]["off"]
-        r[m] = {"accuracy_on": on["accuracy"], "accuracy_off": off["accuracy"],
+        (acc_on, n_chains), (acc_off, _) = (subset_accuracy(e, (ADD_TASK,)) for e in (on, off))
+        r[m] = {"accuracy_on": acc_on, "accuracy_off": acc_off, "n_chains": n_chains,
+                "all_accuracy_on": on["accuracy"], "all_accuracy_off": off["accuracy"],
                 "think_rate_on": on["think_rate"], "think_rate_off": off["think_rate"]}
+    sft_rows = read_metrics(os.path.join(out, "sft", "metrics.jsonl"))
+    conv = [row for row in sft_rows if "chain_gain_last_third" in row]
+    r["sft"]["gain_last_third"] = conv[-1]["chain_gain_last_third"] if conv else None
     err = lambda a: 1 - a
     r["grpo"]["gain_points"] = 100 * (r["grpo"]["accuracy_on"] - r["sft"]["accuracy_on"])
     r["grpo"]["error_reduction"] = 1 - err(r["grpo"]["accuracy_on"]) / max(err(r["sft"]["accuracy_on"]), 1e-9)
     r["by_k"] = {m: {mode: evals[m][mode]["by_k"] for mode in ("on", "off")} for m in MODELS}
     r["by_task"] = {m: {mode: evals[m][mode]["by_task"] for mode in ("on", "off")} for m in MODELS}
     r["n_problems"] = evals["parent"]["on"]["n"]
+    p, c = r["parent"], r["child"]
+    think_ok = lambda m: r[m]["think_rate_on"] >= 0.995 and r[m]["think_rate_off"] <= 0.005
     r["checks"] = {
-        "child decode >= 1.5x parent": r["child"]["measured_speedup"] >= 1.5,
-        "child accuracy >= 95% of parent": r["child"]["accuracy_vs_parent"] >= 0.95,
-        "parent accuracy >= 0.30 (better mode)": r["parent"]["accuracy"] >= 0.30,
-        "SFT on - off >= 25 points": r["sft"]["accuracy_on"] - r["sft"]["accuracy_off"] >= 0.25,
-        "GRPO >= +5 points or >= 30% fewer errors": r["grpo"]["gain_points"] >= 5 or r["grpo"]["error_reduction"] >= 0.30,
-        "think block >= 99% on, <= 1% off (SFT, GRPO)": all(r[m]["think_rate_on"] >= 0.99 and r[m]["think_rate_off"] <= 0.01
-                                                            for m in ("sft", "grpo")),
+        "parent >= 80% on the direct-answer tasks, >= 60% on each": p["accuracy"] >= 0.80
+        and min(p["chat_by_task"].values(), default=0) >= 0.60,
+        "child decode >= 1.5x parent, within 20% of the MIP's prediction": c["measured_speedup"] >= 1.5
+        and abs(c["measured_speedup"] / c["predicted_speedup"] - 1) <= 0.20,
+        "child after KD >= 95% of the parent's accuracy (>= 1,000 direct-answer problems)":
+            c["accuracy_vs_parent"] >= 0.95 and c["n_chat"] >= 1000,
+        "SFT converged (held-out chains rise <= 2 points over its last third)":
+            r["sft"]["gain_last_third"] is not None and r["sft"]["gain_last_third"] <= 0.02,
+        "SFT on - off >= 25 points (chains)": r["sft"]["accuracy_on"] - r["sft"]["accuracy_off"] >= 0.25,
+        "GRPO >= +5 points or >= 30% fewer errors (>= 1,000 chains, on)":
+            (r["grpo"]["gain_points"] >= 5 or r["grpo"]["error_reduction"] >= 0.30) and r["grpo"]["n_chains"] >= 1000,
+        "think block >= 99.5% on, <= 0.5% off (SFT, GRPO)": think_ok("sft") and think_ok("grpo"),
     }
     return r
+
+
+def subset_accuracy(ev, tasks):
+    """(accuracy, n) of an eval result over some of its tasks, from its per-task accuracies and counts."""
+    n = {t: ev["n_by_task"].get(t, 0) for t in tasks}
+    total = sum(n.values())
+    return (sum(ev["by_task"][t] * n[t] for t in tasks if n[t]) / total if total else 0.0), total
 
 
 def plots(r, out):
@@ -121,15 +148,25 @@ def plots(r, out):
     panels = [("parent", "parent pretraining", ["train_lm", "val_lm"]),
               ("child", "child KD (from the parent)", ["train_kl", "train_cos", "val_kl", "val_lm"]),
               ("sft", "SFT", ["train_loss", "val_loss"]),
-              ("grpo", "GRPO: rollout reward, held-out accuracy", ["reward_accuracy_on", "reward_accuracy_off", "reward_format", "accuracy_on", "accuracy_off"])]
+              # GRPO: rollout accuracy per difficulty bucket (the curriculum's batch mix drifts to harder
+              # prompts, so its mean reward falls while every bucket rises) and held-out accuracy
+              ("grpo", "GRPO: rollout accuracy by bucket (smoothed), held-out accuracy", None)]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for ax, (m, title, keys) in zip(axes, panels):
         path = os.path.join(out, m, "metrics.jsonl")
         rows = read_metrics(path) if os.path.isfile(path) else []
+        smooth = {}
+        if keys is None:
+            keys = sorted({k for row in rows for k in row if k.startswith("reward_accuracy_on_")})
+            smooth = {k: 5 for k in keys}
+            keys += ["accuracy_on", "accuracy_off"]
         for k in keys:
             pts = [(row["step"], row[k]) for row in rows if row.get(k) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+                xs, ys = zip(*pts)
+                if k in smooth:
+                    ys = moving_average(list(ys), smooth[k])
+                ax.plot(xs, ys, label=k.replace("reward_accuracy_on_", "rollouts "), marker="." if len(pts) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -148,18 +185,22 @@ def markdown(r):
         f"Device: {r['device']}. Wall time: {sec['total']} s "
         f"({', '.join(f'{k} {v} s' for k, v in sec.items() if k != 'total')}). "
         f"Every accuracy: `sample.py --eval` on the same {r['n_problems']} held-out test problems "
-        "(addition chains k = 3..8 and chat tasks), greedy.", "",
+        f"({r['sft']['n_chains']} addition chains k = 3..8, {r['parent']['n_chat']} direct-answer chat tasks), greedy. "
+        "Parent and child are judged on the chat tasks (their better mode), SFT and GRPO on the chains.", "",
         "## Checks (the paper's claims at nano scale)", "",
         "| claim | holds |", "|---|---|"]
     lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in r["checks"].items()]
     lines += ["", "## 1. Puzzle: a faster child that keeps the parent's accuracy (paper sec. 2)", "",
-              "| model | params | KV bytes/token | decode tokens/s (batch 32) | accuracy on / off |",
-              "|---|---|---|---|---|",
-              f"| parent | {p['params']:,} | {p['kv_bytes_per_token']} | {p['decode_tokens_per_s']:,.0f} | "
-              f"{pct(p['accuracy_on'])} / {pct(p['accuracy_off'])} |",
-              f"| Puzzle child after KD | {c['params']:,} | {c['kv_bytes_per_token']} | {c['decode_tokens_per_s']:,.0f} | "
-              f"{pct(c['accuracy_on'])} / {pct(c['accuracy_off'])} |", "",
-              f"Measured decode speed-up {c['measured_speedup']:.2f}x (the MIP predicted {c['predicted_speedup']:.2f}x); "
+              "| model | params | KV bytes/token | decode tokens/s (batch 32) | chat accuracy on / off | "
+              + " | ".join(CHAT_TASKS) + " |",
+              "|---|---|---|---|---|" + "---|" * len(CHAT_TASKS)]
+    for name, m in (("parent", p), ("Puzzle child after KD", c)):
+        lines.append(f"| {name} | {m['params']:,} | {m['kv_bytes_per_token']} | {m['decode_tokens_per_s']:,.0f} | "
+                     f"{pct(m['chat_accuracy_on'])} / {pct(m['chat_accuracy_off'])} | "
+                     + " | ".join(pct(m["chat_by_task"].get(t, float("nan"))) for t in CHAT_TASKS) + " |")
+    lines += ["",
+              f"Measured decode speed-up {c['measured_speedup']:.2f}x (the MIP predicted {c['predicted_speedup']:.2f}x; "
+              f"puzzle.py's own re-timing before acceptance: {c['assemble_measured_speedup'] or float('nan'):.2f}x); "
               f"the child keeps {pct(c['accuracy_vs_parent'])}% of the parent's accuracy (better mode).", ""]
     pz = r["puzzle"]
     if pz["homogeneous"] is not None:
@@ -175,8 +216,11 @@ def markdown(r):
         lines += ["Homogeneous control: no uniform choice of blocks is predicted as fast as the Puzzle child.", ""]
     lines += ["![per-layer layout of the parent, the Puzzle child and the control](puzzle/layout.png)", "",
               "```", pz["layout_table"], "```", ""]
+    gl = s["gain_last_third"]
     lines += ["## 2. Reasoning SFT: one model, two modes (paper sec. 4)", "",
-              "| model | accuracy on | accuracy off | think block on | think block off |", "|---|---|---|---|---|"]
+              "SFT's held-out chain accuracy rose " + ("(not measured)" if gl is None else f"{100 * gl:+.1f} points")
+              + " over its last third of steps (converged when <= 2).", "",
+              "| model | chain accuracy on | chain accuracy off | think block on | think block off |", "|---|---|---|---|---|"]
     for name, m in (("SFT", s), ("GRPO", g)):
         lines.append(f"| {name} | {pct(m['accuracy_on'])} | {pct(m['accuracy_off'])} | {pct(m['think_rate_on'])}% | "
                      f"{pct(m['think_rate_off'])}% |")
