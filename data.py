@@ -58,7 +58,10 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 # Numbers split into single digits (as Llama 1 and 2 do), so 417 is always 4 1 7, not one or two
 # pieces whose boundaries vary with the merges.
 NANO_PATTERN = r"\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-PATTERNS = {"nano": NANO_PATTERN, "llama3": LLAMA3_PATTERN}
+# experimental: a word keeps the space after it ("milk ", "snow ", "frog"), so a copied span is the
+# same token sequence as its source
+NANO_TRAIL_PATTERN = r"\p{L}+ ?|\p{N}|[^\s\p{L}\p{N}]+ ?[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PATTERNS = {"nano": NANO_PATTERN, "nano_trail": NANO_TRAIL_PATTERN, "llama3": LLAMA3_PATTERN}
 
 # The 256 special tokens of Llama 3.1 / 3.3 (the parents of LN-Nano/Super/Ultra), in id order: they
 # are not in tokenizer.model and get ids n_ranks + i (128000 + i for the real file). Order as in

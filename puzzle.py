@@ -112,7 +112,7 @@ class PuzzleConfig:
     cost_repeats: int = 3                # interleaved timed repeats per probe (medians)
     cost_max_spread: float = 0.25        # a probe whose repeats differ by more than this (relative to
                                          # their median) means a busy machine: measure again...
-    cost_retries: int = 2                # ...up to this many times, keeping the calmest measurement
+    cost_retries: int = 1                # ...up to this many times, keeping the calmest measurement
     retime_rounds: int = 3               # assemble: the child is timed against the parent before it is
                                          # accepted; below accept_frac x target the MIP is solved again
     accept_frac: float = 0.94            # with the target scaled by predicted / measured (1.6 x 0.94 =

@@ -81,9 +81,11 @@ class SFTConfig:
     grad_clip: float = 1.0
     vocab_chunk: int = 4096                    # tokens per chunk of the vocabulary-sized loss
     # evaluation
-    eval_interval: int = 100                   # every N steps (and at start and end); 0 = only at the end
+    eval_interval: int = 0                     # every N steps (and at start and end); 0 = at 2/3 and the end
     eval_rows: int = 256                       # packed rows of --val_data for the held-out loss (0 = all)
-    eval_problems: int = 100                   # held-out "val" problems per mode (0 = no generation eval)
+    eval_problems: int = 600                   # held-out "val" problems per mode (0 = no generation eval):
+                                               # 360 chains, so the convergence check (accuracy at 2/3 of
+                                               # the steps vs the end) has a standard error of ~2.5 points
     eval_max_new_tokens: int = 128             # a k=8 chain with reasoning is ~80 tokens
     # runtime
     device: str = "auto"                       # auto | cpu | cuda
