@@ -1097,8 +1097,10 @@ class DataConfig:
     out_dir: str = "out/data"
     seed: int = 1337
     vocab_size: int = 768            # 256 bytes + 256 merges + 256 Llama 3 specials
-    split_pattern: str = "nano"      # pre-tokenisation: nano (words apart from their spaces, single
-                                     # digits: NANO_PATTERN) | llama3 (Llama 3's own)
+    split_pattern: str = "llama3"    # pre-tokenisation: llama3 (Llama 3's own) | nano (words apart
+                                     # from their spaces, single digits) | nano_trail (a word keeps the
+                                     # space after it). nano and nano_trail made every copy a two-hop
+                                     # lookup and SFT fell to chance (README, "The nano world")
     tokenizer_chars: int = 600_000   # BPE training text; ~1-2 s of merges
     pretrain_tokens: int = 2_000_000   # ~2-3 min at ~15k tok/s on 2 cores (design.md)
     pretrain_val_tokens: int = 100_000
@@ -1113,8 +1115,11 @@ class DataConfig:
     parent_chat_frac: float = 0.3    # share of pretraining tokens that are chat conversations
                                      # answered directly (what makes the parent an instruct model);
                                      # the loss falls on their answers only
-    parent_copy_frac: float = 0.25   # share of pretraining tokens that are copy exercises (loss on
-                                     # the second copy only): what forms the copy circuit in time
+    parent_chat_loss: str = "all"    # all: the conversations' every token carries loss | answers:
+                                     # only their answers (the chat template's mask)
+    parent_copy_frac: float = 0.0    # share of pretraining tokens that are copy exercises (loss on
+                                     # the second copy only); 0.25-0.6 did not make the parent copy in
+                                     # 300 steps (README, "The nano world")
     instruct_train: int = 40_000     # the parent's instruct rows (sft.py, loss on the answers only)
     instruct_val: int = 1_000
     rl_train: int = 4_000            # addmod10 prompts for GRPO
@@ -1143,6 +1148,7 @@ class DataConfig:
               "is used only with --tokenize_text (the default world trains its own tokenizer)")
         check_range(self, "vocab_size", 512)   # 256 byte tokens + 256 Llama 3 special tokens
         check_choice(self, "split_pattern", tuple(PATTERNS))
+        check_choice(self, "parent_chat_loss", ("all", "answers"))
         check_positive(self, "instruct_train", "instruct_val")
         check_positive(self, "tokenizer_chars", "pretrain_tokens", "pretrain_val_tokens", "rl_train",
                        "val_per_k", "test_per_k")
@@ -1218,7 +1224,7 @@ def prepare(cfg):
             text_tok = sum(len(d) for d, _, _ in batch_docs)
             if cfg.parent_chat_frac > 0:  # conversations: parent_chat_frac of the tokens
                 want = text_tok * cfg.parent_chat_frac / text_frac
-                batch_docs += [(d, m, "chat") for d, m in build_chat_documents(
+                batch_docs += [(d, m if cfg.parent_chat_loss == "answers" else None, "chat") for d, m in build_chat_documents(
                     tok, max(1, round(want / 50)), bseed, split, cfg.k_min, cfg.k_max)]  # ~50 tokens each
             if cfg.parent_copy_frac > 0:  # copy exercises: parent_copy_frac of the tokens (~90 each)
                 want = text_tok * cfg.parent_copy_frac / text_frac
