@@ -1123,6 +1123,9 @@ class DataConfig:
     instruct_train: int = 40_000     # the parent's instruct rows (sft.py, loss on the answers only)
     instruct_val: int = 1_000
     rl_train: int = 4_000            # addmod10 prompts for GRPO
+    rl_k_min: int = 6                # their chain lengths: rl_k_min..k_max. SFT solves k <= 5 every time
+                                     # (pass rate >= 0.75: the prefilter drops them), so drawing from
+                                     # k = 2 spent most of the prefilter's samples on prompts it drops
     val_per_k: int = 30              # unique val problems per k (k=3 has ~100 in each split)
     test_per_k: int = 50
     test_chat: int = 200
@@ -1157,6 +1160,8 @@ class DataConfig:
         check(self.k_min <= self.k_max, "k_max", self.k_max, f"must be >= --k_min={self.k_min}")
         check(2 <= self.eval_k_min <= self.k_max, "eval_k_min", self.eval_k_min,
               f"must satisfy 2 <= eval_k_min <= --k_max={self.k_max}")
+        check(self.k_min <= self.rl_k_min <= self.k_max, "rl_k_min", self.rl_k_min,
+              f"must satisfy --k_min={self.k_min} <= rl_k_min <= --k_max={self.k_max}")
         check(self.k_min <= self.sft_k_max <= self.k_max, "sft_k_max", self.sft_k_max,
               f"must satisfy --k_min={self.k_min} <= sft_k_max <= --k_max={self.k_max}")
         for name in ("sft_train", "sft_val"):  # each prompt appears once "on" and once "off"
@@ -1256,7 +1261,7 @@ def prepare(cfg):
         rows = instruct_rows(n, split, cfg.seed, cfg.k_min, cfg.k_max)
         write_sft_jsonl(rows, os.path.join(out, f"{name}.jsonl"))
         sizes[name] = {"rows": len(rows)}
-    rl = generate_problems(ADD_TASK, "train", cfg.rl_train, cfg.seed + 2, cfg.k_min, cfg.k_max)
+    rl = generate_problems(ADD_TASK, "train", cfg.rl_train, cfg.seed + 2, cfg.rl_k_min, cfg.k_max)
     write_rl_jsonl(rl, os.path.join(out, "rl_train.jsonl"))
     sizes["rl_train"] = {"rows": len(rl)}
     n_ks = cfg.k_max - cfg.eval_k_min + 1

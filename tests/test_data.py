@@ -533,4 +533,4 @@ def test_prepare_small_world(tmp_path):
     # SFT chains stop at --sft_k_max=6; RL prompts (and the test) go on to k_max=8
     rows = [json.loads(line) for line in open(tmp_path / "sft_train.jsonl")]
     sft_k = {r["k"] for r in rows if r["task"] == "addmod10"}
-    assert sft_k == set(range(2, 7)) and max(p["k"] for p in rl) == 8
+    assert sft_k == set(range(2, 7)) and {p["k"] for p in rl} == {6, 7, 8}   # RL: --rl_k_min=6..k_max
