@@ -374,8 +374,14 @@ class Transformer(nn.Module):
         its tokenizer). compile=True runs the decode step as one torch.compile graph (the first
         call for a new batch size / cache length / sampling setting compiles it); its greedy
         tokens equal the eager path's. stream: called with the (B,) tensor of new tokens after
-        every step (a host sync per token: for interactive chat). Logits that are not finite raise
-        NonFiniteError. Returns a list of generated token lists (prompts not included)."""
+        every step (a host sync per token: for interactive chat and serve.py); it may return row
+        indices to finish now (a client gone, a stop string met, a row's own token budget spent):
+        those rows keep the tokens they have and emit pad_id from then on, and the call ends
+        when every row is done. seed: an int (one generator for the batch, as always) or a list
+        of one seed per row, each row drawing its noise from its own generator, so that a row
+        samples the same tokens in any batch as alone with that seed (serve.py batches requests
+        that each bring their own seed). Logits that are not finite raise NonFiniteError.
+        Returns a list of generated token lists (prompts not included)."""
         cfg, dev = self.config, self.inv_freq.device
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -389,8 +395,14 @@ class Transformer(nn.Module):
         # that calls with other prompt lengths reuse the graph (decode attention reads the whole
         # cache, so a coarser rounding would cost time at every step).
         S = min(cfg.max_position_embeddings, -(-need // 64) * 64) if compile else need
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != B:
+                raise ValueError(f"generate: {len(seed)} seeds for {B} prompts")
+            gen = [torch.Generator(device=dev).manual_seed(s if s is not None else secrets.randbits(63))
+                   for s in seed]
+        else:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         pad = torch.tensor([L - len(p) for p in prompts], device=dev)
         idx = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)
         caches = KVCache.for_model(self, B, S, pad)
@@ -408,7 +420,9 @@ class Transformer(nn.Module):
         with _decode_threads(B, dev):
             for t in range(1, max_new_tokens):
                 if stream is not None:
-                    stream(st.tok)
+                    finish = stream(st.tok)
+                    if finish:
+                        st.finish(finish)
                     if bool(st.done.all()):
                         break
                 if t % check_done_every == 0 and bool(st.done.all()):  # the only host sync
@@ -563,8 +577,22 @@ class DecodeState:
                      self.nonfinite, self.noise, self.stop, self.vocab_mask)
 
     def draw_noise(self, generator):
-        if self.noise is not None:
+        """One (V,) draw per row: from the one generator for the whole (B, V) block, or row b's
+        from generator[b] (the same numbers a batch of one seeded alike draws)."""
+        if self.noise is None:
+            return
+        if isinstance(generator, list):
+            for row, g in zip(self.noise, generator):
+                row.exponential_(generator=g)
+        else:
             self.noise.exponential_(generator=generator)
+
+    def finish(self, rows):
+        """Mark rows done from outside the step (generate's stream callback): each keeps the
+        t tokens it has. In place, so a compiled step keeps seeing the same tensors."""
+        idx = torch.tensor(sorted(set(int(r) for r in rows)), dtype=torch.long, device=self.done.device)
+        self.lengths[idx] = torch.where(self.done[idx], self.lengths[idx], self.t)
+        self.done[idx] = True
 
     def emit(self, logits, temperature, top_k, top_p):
         """Sample every row's next token from logits (B, V) and record it: finished rows emit

@@ -172,6 +172,32 @@ def test_stream_and_nonfinite_logits():
         model.generate([[1, 2, 3]], 5, temperature=0)
 
 
+def test_per_row_seeds_and_stream_finishes_rows():
+    """serve.py's two needs of generate: a row sampled in a batch with its own seed equals that
+    row sampled alone with the seed, and the stream callback can end rows early
+    (they keep the tokens they have) while greedy decoding of the other rows is unchanged."""
+    model = tiny_model(97, scale=4.0)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9], [4]]
+    # (eager only: the noise is drawn outside the step, so the compiled path shares this code)
+    alone = [model.generate([p], 12, temperature=1.0, top_p=0.9, seed=s)[0] for p, s in zip(prompts, (11, 22, 33))]
+    assert model.generate(prompts, 12, temperature=1.0, top_p=0.9, seed=[11, 22, 33]) == alone
+    assert model.generate(prompts, 12, temperature=1.0, seed=[11, 22, 99])[:2] == alone[:2]
+    greedy = model.generate(prompts, 12, temperature=0)
+    steps = []
+
+    def stream(tok):
+        steps.append(tok.tolist())
+        return [1] if len(steps) == 3 else None  # row 1 ends after its 3rd token
+    out = model.generate(prompts, 12, temperature=0, stream=stream)
+    assert out[1] == greedy[1][:3] and out[0] == greedy[0] and out[2] == greedy[2]
+    assert all(s[1] == 0 for s in steps[3:])  # a finished row emits pad_id
+    calls = []
+    out = model.generate(prompts, 12, temperature=0, stream=lambda t: calls.append(1) or [0, 1, 2])
+    assert out == [g[:1] for g in greedy] and len(calls) == 1  # every row done: the call ends
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        model.generate(prompts, 4, seed=[1, 2])
+
+
 def run_sample(*flags, timeout=120):
     return subprocess.run([sys.executable, "sample.py", *flags], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
