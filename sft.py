@@ -55,6 +55,7 @@ from evaluate import evaluate_problems
 from model import CheckpointError, NonFiniteError, count_params, load_config, load_model
 from runtime import (PRECISIONS, pick_device, resolve_precision, MetricsLog, autocast, chunked_cross_entropy, config_dict, grad_accum_steps, grad_sync,
                      load_trainer_state, lr_at, make_optimizer, plot_curves, read_metrics, run_main,
+                     check_heldout_size, check_out_dir, interruptible, read_train_config,
                      save_checkpoint, setup_dist, teardown_dist)
 
 
@@ -92,6 +93,7 @@ class SFTConfig:
     seed: int = 1337
     out_dir: str = "out/sft"
     resume: bool = False
+    overwrite: bool = False                    # replace a finished checkpoint in --out_dir (else refused)
     ckpt_interval: int = 0                     # also checkpoint every N steps (0 = only at the end)
     log_interval: int = 10
 
@@ -125,9 +127,9 @@ class SFTConfig:
         check_choice(self, "device", ("auto", "cpu", "cuda"))
         check_choice(self, "precision", PRECISIONS)
         self.precision = resolve_precision(pick_device(self.device), self.precision)  # recorded as run
-        check_writable_dir(self.out_dir, "out_dir")
-        check(os.path.realpath(self.out_dir) != os.path.realpath(self.init_from), "out_dir", self.out_dir,
-              "must differ from --init_from (the run would overwrite its starting checkpoint)")
+        check_heldout_size("eval_problems", self.eval_problems, "val")
+        check_out_dir(self.out_dir, [("init_from", self.init_from), *(("data", p) for p, _ in sources),
+                                     ("val_data", self.val_data)], resume=self.resume, overwrite=self.overwrite)
 
 
 def parse_data_spec(spec):
@@ -418,8 +420,7 @@ def load_for_resume(cfg, model_cfg, data_stats, max_steps):
     if load_config(cfg.out_dir) != model_cfg:
         raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture than "
                           f"--init_from={cfg.init_from}")
-    with open(os.path.join(cfg.out_dir, "train_config.json")) as f:
-        before = json.load(f)
+    before = read_train_config(cfg.out_dir)
     changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if before.get(k) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
@@ -507,7 +508,8 @@ def main(cfg):
 
     bar = tqdm(range(start_step, end), disable=not master, desc="sft", initial=start_step, total=end)
     train_time, tokens_since, real_since = 0.0, 0, 0
-    for step in bar:
+    save = lambda s: master and save_checkpoint(cfg.out_dir, raw, opt, s, cfg, tok, extra={"data": data_stats})
+    for step in interruptible(bar, save):   # Ctrl-C: save the last finished step, exit 130
         due = (cfg.eval_interval and step % cfg.eval_interval == 0) or (problems and step == two_thirds)
         if due and step > start_step and master:
             row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)

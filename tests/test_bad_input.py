@@ -62,7 +62,7 @@ def world(tmp_path_factory):
     """A tiny data world, a trained 2-step checkpoint, and broken copies of files."""
     d = tmp_path_factory.mktemp("bad")
     data = d / "data"
-    prepare(DataConfig(out_dir=str(data), pretrain_tokens=8_000, pretrain_val_tokens=2_000, tokenizer_chars=30_000,
+    prepare(DataConfig(out_dir=str(data), vocab_size=640, pretrain_tokens=8_000, pretrain_val_tokens=2_000, tokenizer_chars=30_000,
                        sft_train=10, sft_val=4, rl_train=4, val_per_k=2, test_per_k=2, test_chat=2))
     tok = load_tokenizer(str(data))
     (d / "a_file").write_text("not a folder\n")
@@ -101,7 +101,7 @@ def world(tmp_path_factory):
     state = (d / "cut" / "trainer_state.pt").read_bytes()
     (d / "cut" / "trainer_state.pt").write_bytes(state[:len(state) // 2])
     other = d / "other_data"   # another data world (another seed) for --resume with another --data_dir
-    prepare(DataConfig(out_dir=str(other), seed=2, pretrain_tokens=8_000, pretrain_val_tokens=2_000,
+    prepare(DataConfig(out_dir=str(other), seed=2, vocab_size=640, pretrain_tokens=8_000, pretrain_val_tokens=2_000,
                        tokenizer_chars=30_000, sft_train=10, sft_val=4, rl_train=4, val_per_k=2, test_per_k=2,
                        test_chat=2))
     return d
