@@ -63,7 +63,7 @@ from configurator import (ConfigError, check, check_choice, check_positive, chec
                           check_out_dir, check_writable_dir, run_main)
 from data import load_token_shards, load_tokenizer
 from evaluate import bench_decode_many
-from model import (BlockConfig, DecoderLayer, Transformer, kv_bytes_per_token, layer_params, load_config,
+from model import (BlockConfig, DecoderLayer, NonFiniteError, Transformer, kv_bytes_per_token, layer_params, load_config,
                    load_model, rope_cos_sin, save_model)
 from runtime import (MetricsLog, autocast, chunked_kl, lr_at, make_optimizer, plot_curves, read_metrics,
                      setup_dist, step_offsets, teardown_dist, windows)
@@ -514,7 +514,7 @@ def train_library(cfg, pcfg, parent, space, train, val, bos_id, dist, log):
         _all_reduce(step_loss, dist)
         if not bool(torch.isfinite(step_loss).all()):
             bad = [keys[i] for i in torch.nonzero(~torch.isfinite(step_loss)).flatten().tolist()]
-            raise FloatingPointError(f"BLD step {step}: non-finite loss for {bad[:4]}; lower --bld_lr")
+            raise NonFiniteError(f"BLD step {step}: non-finite loss for {bad[:4]}: training diverged; lower --bld_lr={cfg.bld_lr}")
         if cfg.bld_grad_clip:
             for mod in cands.values():
                 torch.nn.utils.clip_grad_norm_(mod.parameters(), cfg.bld_grad_clip)
