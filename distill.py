@@ -37,7 +37,7 @@ from model import ModelConfig, NonFiniteError, Transformer, count_params, load_c
 from runtime import (PRECISIONS, pick_device, resolve_precision, ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
                      config_dict, grad_accum_steps, grad_sync, load_trainer_state, lr_at, make_optimizer,
                      plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, step_offsets,
-                     teardown_dist, windows, check_out_dir, interruptible, read_train_config)
+                     teardown_dist, windows, auto_eval_interval, check_out_dir, interruptible, read_train_config)
 
 
 @dataclass
@@ -84,7 +84,8 @@ class DistillConfig:
                                          # --teacher); required when --init_from is given without a teacher
     resume: bool = False
     overwrite: bool = False              # replace a finished checkpoint in --out_dir (else refused)
-    eval_interval: int = 100             # validation loss every N steps (and at the end)
+    eval_interval: int | None = None     # validation loss every N steps (and at the end); 0 = never;
+                                         # None = 100 (at most half the run), none for runs of 1-2 steps
     eval_batches: int = 4
     ckpt_interval: int = 0               # also checkpoint every N steps (0 = only at the end)
     log_interval: int = 10
@@ -104,6 +105,8 @@ class DistillConfig:
         check(self.total_batch_size % (self.device_batch_size * self.seq_len) == 0, "total_batch_size",
               self.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
               f"{self.device_batch_size} * {self.seq_len} = {self.device_batch_size * self.seq_len}")
+        if self.eval_interval is None:   # evaluations scale with the run (recorded in train_config.json)
+            self.eval_interval = auto_eval_interval(self.max_steps) or 0
         for name in ("kd_weight", "cosine_weight", "lm_weight", "weight_decay", "warmup_steps", "stop_after",
                      "eval_interval", "ckpt_interval", "seed"):
             check_range(self, name, 0)

@@ -617,10 +617,10 @@ RESUME_KEYS = ("init_from", "data", "seed", "prefilter_samples", "max_pass_rate"
 
 def load_for_resume(cfg, model_cfg, digest):
     state = load_trainer_state(cfg.out_dir)
+    before = read_train_config(cfg.out_dir)   # a broken one: an error line naming it
     if load_config(cfg.out_dir) != model_cfg:
         raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture than "
                           f"--init_from={cfg.init_from}")
-    before = read_train_config(cfg.out_dir)
     changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if before.get(k) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")

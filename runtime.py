@@ -150,6 +150,29 @@ def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
     return total_batch_size // per_micro
 
 
+def auto_seq_len(context, longest, floor=256):
+    """A row length that fits any checkpoint: the longest sample rounded up to a power of two (at
+    least `floor`), never more than the model's context (a 131,072-token Llama 3 context does not
+    make 131,072-token rows for 300-token samples)."""
+    want = max(floor, 1 << max(0, int(longest) - 1).bit_length())
+    return max(1, min(int(context), want))
+
+
+def auto_total_batch(target_tokens, device_batch_size, seq_len, world_size=1):
+    """A global batch of ~target_tokens, rounded to the nearest multiple (at least one) of what one
+    micro-step of every process holds (device_batch_size x seq_len x world_size)."""
+    per_micro = device_batch_size * seq_len * world_size
+    return per_micro * max(1, round(target_tokens / per_micro))
+
+
+def auto_eval_interval(max_steps, interval=100):
+    """Evaluations that scale with the run: none at all for runs of 1-2 steps (an evaluation costs
+    more than such a run), else every `interval` steps, and at least one in the middle of a short run."""
+    if max_steps <= 2:
+        return None
+    return max(1, min(interval, max_steps // 2))
+
+
 def lr_at(step, max_steps, lr, warmup_steps, min_lr_frac=0.1):
     """Linear warmup over steps 0..warmup-1, then cosine decay that reaches min_lr_frac * lr at
     the last step (max_steps - 1)."""

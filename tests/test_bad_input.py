@@ -252,3 +252,118 @@ def test_real_processes(world):
                        env=ENV, capture_output=True, text=True, timeout=300)
     for script, res in zip(scripts, json.loads(r.stdout.strip().splitlines()[-1])):
         assert res["rc"] == 0 and "preset files as bare paths, then --key=value" in res["stdout"], (script, res)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 22: data loss, non-finite floats, unbounded sizes, damaged inputs of the later stages.
+
+def tree_digest(folder):
+    """{relative path: sha256} of every file under folder: 'byte-identical' is this, unchanged."""
+    import hashlib
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def test_no_stage_writes_into_its_inputs(world):
+    """--out_dir equal to, inside or around an input, or a folder holding a saved checkpoint: refused
+    before any work, every input byte-identical."""
+    d = world
+    common = [*TINY, f"--data_dir={d / 'data'}", "--max_steps=1"]
+    sft = ["--max_steps=1", "--seq_len=64", "--total_batch_size=128", "--device_batch_size=2", "--eval_problems=0",
+           "--eval_interval=0", f"--data={d / 'data' / 'sft_train.jsonl'}", f"--val_data={d / 'data' / 'sft_val.jsonl'}"]
+    grpo = [f"--data={d / 'data' / 'rl_train.jsonl'}", "--max_steps=1", "--eval_problems=0"]
+    before = {name: tree_digest(d / name) for name in ("good", "run", "data")}
+    run_cases([
+        ("distill.py", [*common, f"--teacher={d / 'run'}", f"--out_dir={d / 'run'}", "--cosine_weight=0"],
+         ["--out_dir=", "is the same as --teacher="]),
+        ("distill.py", [*common, f"--init_from={d / 'good'}", f"--out_dir={d / 'good'}"],
+         ["--out_dir=", "is the same as --init_from="]),
+        ("distill.py", [*common, f"--init_from={d / 'good'}"], ["--out_dir=''", "is required with --init_from="]),
+        ("distill.py", [*common, f"--out_dir={d / 'data'}"], ["--out_dir=", "is the same as --data_dir="]),
+        ("distill.py", [*common, f"--out_dir={d / 'data' / 'pretrain_train' / 'x'}"], ["lies inside --data_dir="]),
+        ("distill.py", [*common, f"--out_dir={d}"], ["--out_dir=", "contains --data_dir="]),
+        ("distill.py", [*common, f"--out_dir={d / 'run'}"], ["--out_dir=", "already holds a saved checkpoint",
+                                                             "--resume=True", "--overwrite=True"]),
+        ("puzzle.py", [f"--parent={d / 'good'}", f"--data_dir={d / 'data'}", f"--out_dir={d / 'good'}"],
+         ["--out_dir=", "is the same as --parent="]),
+        ("puzzle.py", [f"--parent={d / 'good'}", f"--data_dir={d / 'data'}", f"--out_dir={d / 'data' / 'pz'}"],
+         ["--out_dir=", "lies inside --data_dir="]),
+        ("sft.py", [*sft, f"--init_from={d / 'good'}", f"--out_dir={d / 'good'}"], ["is the same as --init_from="]),
+        ("sft.py", [*sft, f"--init_from={d / 'good'}", f"--out_dir={d / 'data'}"], ["--out_dir=", "contains --data="]),
+        ("sft.py", [*sft, f"--init_from={d / 'good'}", f"--out_dir={d / 'run'}"], ["already holds a saved checkpoint"]),
+        ("grpo.py", [*grpo, f"--init_from={d / 'good'}", f"--out_dir={d / 'good' / 'sub'}"],
+         ["lies inside --init_from="]),
+        ("grpo.py", [*grpo, f"--init_from={d / 'good'}", f"--out_dir={d / 'run'}"], ["already holds a saved checkpoint"]),
+        ("sample.py", [f"--ckpt={d / 'good'}", "--eval=True", "--n=2", f"--out={d / 'good' / 'eval.json'}"],
+         ["--out=", "lies inside --ckpt="]),
+    ])
+    assert {name: tree_digest(d / name) for name in ("good", "run", "data")} == before
+
+
+def test_non_finite_floats_and_unbounded_sizes(world):
+    d = world
+    common = [*TINY, f"--data_dir={d / 'data'}", f"--out_dir={d / 'nf_out'}"]
+    sft = [f"--init_from={d / 'good'}", f"--data={d / 'data' / 'sft_train.jsonl'}", f"--out_dir={d / 'nf_out'}", "--val_data=",
+           "--seq_len=64", "--total_batch_size=128", "--device_batch_size=2"]
+    run_cases([
+        ("distill.py", [*common, "--lr=1e999"], ["--lr", "not a finite number"]),
+        ("distill.py", [*common, "--kd_temperature=-1e999"], ["--kd_temperature", "not a finite number"]),
+        ("sft.py", [*sft, "--lr=1e999"], ["--lr", "not a finite number"]),
+        ("grpo.py", [f"--init_from={d / 'good'}", "--temperature=1e999"], ["--temperature", "not a finite number"]),
+        ("sample.py", [f"--ckpt={d / 'good'}", "--temperature=1e999"], ["--temperature", "not a finite number"]),
+        ("puzzle.py", [f"--parent={d / 'good'}", "--target_speedup=1e999"], ["--target_speedup", "not a finite number"]),
+        ("sample.py", [f"--ckpt={d / 'good'}", "--eval=True", "--n=100000000"], ["--n=100000000", "test split holds at most"]),
+        ("sft.py", [*sft, "--eval_problems=100000000"], ["--eval_problems=100000000", "val split holds at most"]),
+        ("sample.py", [f"--ckpt={d / 'good'}", "--bench=True", "--batch_size=10000000000", "--prompt_len=4",
+                       "--bench_tokens=4"], ["--batch_size=10000000000", "rows fit"]),
+    ])
+    assert not os.path.exists(d / "nf_out")
+
+
+def test_damaged_inputs_of_the_later_stages(world):
+    """Broken train_config.json on --resume, a too-long prompt in grpo's --data (named by line), a
+    config.json with intermediate_size -5, tokenizer_meta.json with a non-integer id or an
+    unbalanced pattern, a model.safetensors that is a folder."""
+    import shutil
+    d = world
+    for name in ("tc_sft", "tc_grpo"):
+        shutil.copytree(d / "run", d / name, dirs_exist_ok=True)
+        (d / name / "train_config.json").write_text("{ not json")
+    tok = load_tokenizer(str(d / "data"))
+    rl = [json.dumps({"prompt": "Add mod 10: 1+2", "answer": "3"})] * 2
+    rl.append(json.dumps({"prompt": " ".join(["cat"] * 300), "answer": "x"}))
+    (d / "long.jsonl").write_text("\n".join(rl) + "\n")
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": tok.n_vocab, "hidden_size": 32,
+          "intermediate_size": -5, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu"}
+    (d / "neg_ffn").mkdir(exist_ok=True)
+    (d / "neg_ffn" / "config.json").write_text(json.dumps(hf))
+    for name, edit in (("tok_id", lambda m: m["special_tokens"].__setitem__("<|eot_id|>", "abc")),
+                       ("tok_pattern", lambda m: m.__setitem__("pattern", "(\\p{L}+"))):
+        shutil.copytree(d / "good", d / name, dirs_exist_ok=True)
+        meta = json.loads((d / name / "tokenizer_meta.json").read_text())
+        edit(meta)
+        (d / name / "tokenizer_meta.json").write_text(json.dumps(meta))
+    (d / "st_dir").mkdir(exist_ok=True)
+    for f in ("config.json", "tokenizer.model", "tokenizer_meta.json"):
+        shutil.copy(d / "good" / f, d / "st_dir" / f)
+    (d / "st_dir" / "model.safetensors").mkdir(exist_ok=True)
+    sft = [f"--data={d / 'data' / 'sft_train.jsonl'}", "--val_data=", "--seq_len=32", "--total_batch_size=64",
+           "--device_batch_size=2", "--eval_problems=0", "--max_steps=4"]
+    run_cases([
+        ("sft.py", [*sft, f"--init_from={d / 'run'}", f"--out_dir={d / 'tc_sft'}", "--resume=True"],
+         ["train_config.json", "not valid JSON"]),
+        ("grpo.py", [f"--data={d / 'data' / 'rl_train.jsonl'}", f"--init_from={d / 'run'}", f"--out_dir={d / 'tc_grpo'}",
+                     "--resume=True", "--max_new_tokens=4", "--eval_problems=0"], ["train_config.json", "not valid JSON"]),
+        ("grpo.py", [f"--data={d / 'long.jsonl'}", f"--init_from={d / 'good'}", f"--out_dir={d / 'g_out'}",
+                     "--max_new_tokens=4", "--eval_problems=0"], ["long.jsonl:3", "longer than the model's context"]),
+        ("model.py", [str(d / "neg_ffn")], ["config.json", "intermediate_size must be a positive integer", "-5"]),
+        ("sample.py", [f"--ckpt={d / 'neg_ffn'}"], ["config.json", "intermediate_size"]),
+        ("sample.py", [f"--ckpt={d / 'tok_id'}", "--max_new_tokens=2"], ["tokenizer_meta.json", "'abc'", "integer"]),
+        ("sample.py", [f"--ckpt={d / 'tok_pattern'}", "--max_new_tokens=2"], ["tokenizer_meta.json", "pattern"]),
+        ("sample.py", [f"--ckpt={d / 'st_dir'}", "--max_new_tokens=2"], ["model.safetensors", "is a folder"]),
+    ])
