@@ -28,7 +28,7 @@ CONTEXT = 128
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    prepare(DataConfig(out_dir=str(d), pretrain_tokens=20_000, pretrain_val_tokens=4_000, tokenizer_chars=40_000,
+    prepare(DataConfig(out_dir=str(d), vocab_size=640, pretrain_tokens=20_000, pretrain_val_tokens=4_000, tokenizer_chars=40_000,
                        sft_train=64, sft_val=12, rl_train=10, val_per_k=2, test_per_k=2, test_chat=2))
     return str(d)
 
