@@ -27,7 +27,9 @@ import ast
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
 import typing
@@ -78,7 +80,13 @@ def _coerce(name, raw, typ, where):
             return int(raw)
     elif typ is float:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
+            try:
+                value = float(raw)
+            except OverflowError:   # an int literal beyond float range (--lr=10**400)
+                value = math.inf
+            if not math.isfinite(value):   # 1e999 parses as inf: every float flag must be a finite number
+                raise ConfigError(f"{where}: {name}={raw!r} is not a finite number")
+            return value
     elif typ is str:
         return raw if isinstance(raw, str) else str(raw)
     raise ConfigError(f"{where}: {name}={raw!r} is not a valid {_type_name(typ)}")
@@ -222,6 +230,41 @@ def check_writable_dir(path, flag):
         raise ConfigError(f"--{flag}={path}: {os.path.abspath(parent)} is not writable ({e.strerror})") from None
 
 
+def _inside(child, parent):
+    """child is parent or lies inside it (real paths: links and ./ resolved)."""
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_out_dir(out_dir, inputs, flag="out_dir", finished=("model.safetensors",), resume=False,
+                  overwrite=False):
+    """A stage never writes into its inputs, and never replaces a finished result silently.
+    inputs: {flag: path} (or [(flag, path)]) of what the run reads (files or folders; "" / "scratch" / None skipped).
+    --out_dir may not be an input, lie inside one, or contain one. A folder holding any of the
+    `finished` files (a saved checkpoint) is refused unless --resume=True continues it or
+    --overwrite=True replaces it; nothing in it is deleted before the new result is saved."""
+    check_writable_dir(out_dir, flag)
+    out = os.path.realpath(out_dir)
+    for name, path in (inputs.items() if isinstance(inputs, dict) else inputs):
+        if not path or path == "scratch":
+            continue
+        inp = os.path.realpath(path)
+        if out == inp:
+            raise ConfigError(f"--{flag}={out_dir}: is the same as --{name}={path}; the run would overwrite "
+                              f"its own input (choose another --{flag})")
+        if _inside(out, inp):
+            raise ConfigError(f"--{flag}={out_dir}: lies inside --{name}={path}; the run would write into "
+                              f"its own input (choose another --{flag})")
+        if _inside(inp, out):
+            raise ConfigError(f"--{flag}={out_dir}: contains --{name}={path}; the run would write over "
+                              f"its own input (choose another --{flag})")
+    if finished and not (resume or overwrite) and os.path.isdir(out_dir):
+        held = [f for f in finished if os.path.exists(os.path.join(out_dir, f))]
+        if held:
+            raise ConfigError(f"--{flag}={out_dir}: already holds a saved checkpoint ({held[0]}); pass "
+                              f"--resume=True to continue it or --overwrite=True to replace it, or choose "
+                              f"another --{flag}")
+
+
 def sniff_file(path):
     """What a file holds, from its first bytes: "a safetensors weights file", "a PyTorch pickle or
     zip archive (.pt / .bin)", "a JSON file" or "a text file", so that a file given where another
@@ -301,6 +344,26 @@ def fsync_dir(folder):
         os.close(fd)
 
 
+def append_line(path, text):
+    """Append one whole line to a log (metrics.jsonl): one write(2) of the line on an O_APPEND
+    descriptor, then fsync, so a kill leaves the file with or without the line; a torn last line
+    (power cut mid-write) is skipped by its readers."""
+    data = (text.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path, obj, indent=1):
+    """A JSON result file, atomically (atomic_write)."""
+    atomic_write(path, json.dumps(obj, indent=indent) + "\n")
+
+
 def remove_tmp_files(folder):
     """Remove the `.tmp-*` leftovers of writes that were killed midway (called when a checkpoint
     is saved or resumed). Returns the names removed."""
@@ -316,13 +379,44 @@ def remove_tmp_files(folder):
 # ------------------------------------------------------------------------------------------------
 # The one error path of every script.
 
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for Ctrl-C
+PROGRESS = {}            # {"step": N} once a training loop has a resumable checkpoint at step N
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after the training loop saved its last finished step (runtime.save_on_interrupt)."""
+
+    def __init__(self, step):
+        super().__init__(step)
+        self.step = step
+
+
 def run_main(main, cls, argv=None):
     """Parse the config and run main(cfg). Expected failures (UserError, a missing or unreadable
-    file or folder) become one line on stderr and exit status 2; anything else is a bug and keeps
-    its traceback."""
-    with user_errors():
-        cfg = parse_config(cls, argv)
-        return main(cfg)
+    file or folder) become one line on stderr and exit status 2; Ctrl-C is one line (`interrupted`,
+    or `interrupted at step N; --resume=True continues` when a checkpoint of step N was saved) and
+    exit status 130; anything else is a bug and keeps its traceback."""
+    PROGRESS.clear()
+    try:
+        with user_errors():
+            cfg = parse_config(cls, argv)
+            return main(cfg)
+    except KeyboardInterrupt as e:
+        interrupted(getattr(e, "step", None))
+
+
+def interrupted(step=None):
+    """Print the one Ctrl-C line and exit with status 130 (a second Ctrl-C now changes nothing)."""
+    with contextlib.suppress(ValueError):   # not the main thread: no signal handlers to change
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    step = PROGRESS.get("step") if step is None else step
+    msg = "interrupted" if step is None else f"interrupted at step {step}; --resume=True continues"
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    print(msg, file=sys.stderr)
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 @contextlib.contextmanager

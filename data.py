@@ -294,10 +294,30 @@ def load_tokenizer(path):
                 meta = json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(f"{sidecar}:{e.lineno}: malformed JSON: {e.msg}") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{sidecar}: expected a JSON object, got {type(meta).__name__}")
         for key in ("pattern", "special_tokens"):
             if key not in meta:
                 raise DataError(f"{sidecar}: missing field {key!r}")
-        pattern, specials = meta["pattern"], {k: int(v) for k, v in meta["special_tokens"].items()}
+        if not isinstance(meta["pattern"], str):
+            raise DataError(f"{sidecar}: field 'pattern' must be a string (a regex), got {meta['pattern']!r}")
+        try:
+            import regex
+            regex.compile(meta["pattern"])
+        except ImportError:
+            pass
+        except regex.error as e:
+            raise DataError(f"{sidecar}: field 'pattern' is not a valid regular expression ({e})") from None
+        if not isinstance(meta["special_tokens"], dict):
+            raise DataError(f"{sidecar}: field 'special_tokens' must be an object of token: id")
+        bad = [(k, v) for k, v in meta["special_tokens"].items()
+               if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+        if bad:
+            raise DataError(f"{sidecar}: field 'special_tokens': the id of {bad[0][0]!r} is {bad[0][1]!r}, "
+                            f"not a non-negative integer")
+        if "n_ranks" in meta and (not isinstance(meta["n_ranks"], int) or isinstance(meta["n_ranks"], bool)):
+            raise DataError(f"{sidecar}: field 'n_ranks' must be an integer, got {meta['n_ranks']!r}")
+        pattern, specials = meta["pattern"], dict(meta["special_tokens"])
         if meta.get("n_ranks", len(ranks)) != len(ranks):
             raise DataError(f"{sidecar}: n_ranks={meta['n_ranks']} but {model_file} has "
                             f"{len(ranks)} ranks")
@@ -309,7 +329,11 @@ def load_tokenizer(path):
                 break
     if specials is None:
         specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
-    return Tokenizer(ranks, specials, pattern, name=os.path.basename(model_file))
+    try:
+        return Tokenizer(ranks, specials, pattern, name=os.path.basename(model_file))
+    except ValueError as e:   # tiktoken: a pattern its regex engine rejects, ids that collide
+        raise DataError(f"{sidecar if os.path.isfile(sidecar) else model_file}: not a usable tokenizer "
+                        f"({str(e).strip()[:200]})") from None
 
 
 def train_tokenizer(text, vocab_size, out_path, pattern=LLAMA3_PATTERN, progress=True):

@@ -37,7 +37,7 @@ from model import ModelConfig, NonFiniteError, Transformer, count_params, load_c
 from runtime import (PRECISIONS, pick_device, resolve_precision, ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
                      config_dict, grad_accum_steps, grad_sync, load_trainer_state, lr_at, make_optimizer,
                      plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, step_offsets,
-                     teardown_dist, windows)
+                     teardown_dist, windows, auto_eval_interval, check_out_dir, interruptible, read_train_config)
 
 
 @dataclass
@@ -80,9 +80,12 @@ class DistillConfig:
     compile: bool = False
     precision: str = "auto"              # auto | bf16 | fp32: bf16 autocast where it is faster (runtime.resolve_precision)
     seed: int = 1337
-    out_dir: str = "out/parent"
+    out_dir: str = ""                    # "": out/parent (pretraining from scratch), out/child (KD with a
+                                         # --teacher); required when --init_from is given without a teacher
     resume: bool = False
-    eval_interval: int = 100             # validation loss every N steps (and at the end)
+    overwrite: bool = False              # replace a finished checkpoint in --out_dir (else refused)
+    eval_interval: int | None = None     # validation loss every N steps (and at the end); 0 = never;
+                                         # None = 100 (at most half the run), none for runs of 1-2 steps
     eval_batches: int = 4
     ckpt_interval: int = 0               # also checkpoint every N steps (0 = only at the end)
     log_interval: int = 10
@@ -102,6 +105,8 @@ class DistillConfig:
         check(self.total_batch_size % (self.device_batch_size * self.seq_len) == 0, "total_batch_size",
               self.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
               f"{self.device_batch_size} * {self.seq_len} = {self.device_batch_size * self.seq_len}")
+        if self.eval_interval is None:   # evaluations scale with the run (recorded in train_config.json)
+            self.eval_interval = auto_eval_interval(self.max_steps) or 0
         for name in ("kd_weight", "cosine_weight", "lm_weight", "weight_decay", "warmup_steps", "stop_after",
                      "eval_interval", "ckpt_interval", "seed"):
             check_range(self, name, 0)
@@ -119,7 +124,16 @@ class DistillConfig:
             check(all(len(p.split(":")) == 2 and all(v.strip().isdigit() for v in p.split(":"))
                       for p in self.layer_map.split(",")), "layer_map", self.layer_map,
                   "must be auto or student:teacher pairs such as 0:0,1:2")
-        check_writable_dir(self.out_dir, "out_dir")
+        if not self.out_dir:   # never a silent default that could be an input of a second phase
+            check(self.init_from == "scratch" or self.teacher, "out_dir", self.out_dir,
+                  f"is required with --init_from={self.init_from} (a second phase writes a new folder, e.g. "
+                  f"--out_dir=out/cpt)")
+            self.out_dir = "out/child" if self.teacher else "out/parent"
+        path = lambda p: p if os.path.isabs(p) else os.path.join(self.data_dir, p)
+        check_out_dir(self.out_dir, [("init_from", self.init_from), ("teacher", self.teacher),
+                                     ("data_dir", self.data_dir), ("train_data", path(self.train_data)),
+                                     ("val_data", path(self.val_data))],
+                      resume=self.resume, overwrite=self.overwrite)
 
 
 def data_fingerprint(data):
@@ -299,12 +313,7 @@ def load_for_resume(cfg, model_cfg, train):
         diff = [k for k in config_dict(model_cfg) if getattr(saved, k) != getattr(model_cfg, k)]
         raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture "
                           f"than this run's model (fields that differ: {diff})")
-    path = os.path.join(cfg.out_dir, "train_config.json")
-    try:
-        with open(path) as f:
-            before = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--resume=True: {path} is not valid JSON ({e})") from None
+    before = read_train_config(cfg.out_dir)
     changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
                if not _same_setting(k, before.get(k), getattr(cfg, k))]
     if changed:
@@ -380,7 +389,8 @@ def main(cfg):
 
     bar = tqdm(range(start_step, end), disable=not master, desc="distill", initial=start_step, total=end)
     train_time, tokens_since = 0.0, 0
-    for step in bar:
+    save = lambda s: master and save_checkpoint(cfg.out_dir, raw, opt, s, cfg, tok, extra)
+    for step in interruptible(bar, save):   # Ctrl-C: save the last finished step, exit 130
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step and master:
             log.log(step=step, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map, val_mask))
         t0 = time.time()

@@ -69,7 +69,8 @@ from data import (ADD_TASK, DataError, check_format, heldout_problems, load_rl_j
                   tokenizer_file, verify)
 from evaluate import evaluate_problems
 from model import NonFiniteError, count_params, load_config, load_model
-from runtime import (MetricsLog, load_trainer_state, lr_at, make_optimizer, pick_device, plot_curves, read_metrics,
+from runtime import (atomic_write, check_heldout_size, check_out_dir, interruptible, read_train_config,
+                     MetricsLog, load_trainer_state, lr_at, make_optimizer, pick_device, plot_curves, read_metrics,
                      run_main, save_checkpoint, setup_dist, teardown_dist)
 
 
@@ -130,6 +131,7 @@ class GRPOConfig:
                                             # for >= 20 s of compiling per graph (rollouts, eval: two)
     seed: int = 1337
     resume: bool = False
+    overwrite: bool = False                 # replace a finished checkpoint in --out_dir (else refused)
     ckpt_interval: int = 0                  # also checkpoint every N steps (0 = only at the end)
     log_interval: int = 1
 
@@ -160,9 +162,9 @@ class GRPOConfig:
         check_choice(self, "device", ("auto", "cpu", "cuda"))
         if self.compile is None:  # resolved here, so train_config.json records what ran
             self.compile = pick_device(self.device) == "cuda"
-        check_writable_dir(self.out_dir, "out_dir")
-        check(os.path.realpath(self.out_dir) != os.path.realpath(self.init_from), "out_dir", self.out_dir,
-              "must differ from --init_from (the run would overwrite its starting checkpoint)")
+        check_heldout_size("eval_problems", self.eval_problems, "val")
+        check_out_dir(self.out_dir, {"init_from": self.init_from, "data": self.data}, resume=self.resume,
+                      overwrite=self.overwrite)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,14 +399,13 @@ def bucket_order(b):
 def write_prefilter(path, rows, scanned):
     """Every scanned prompt with its pass rate and whether it was kept: a valid --data file (rows
     carry pass_rate, so a new run skips their sampling)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for i, rate, keep in scanned:
-            row = dict(rows[i])
-            if rate is not None:
-                row["pass_rate"] = rate
-            f.write(json.dumps({**row, "kept": keep}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    lines = []
+    for i, rate, keep in scanned:
+        row = dict(rows[i])
+        if rate is not None:
+            row["pass_rate"] = rate
+        lines.append(json.dumps({**row, "kept": keep}, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(lines))
 
 
 def curriculum_weights(pass_rates, progress, sigma):
@@ -619,11 +620,10 @@ RESUME_KEYS = ("init_from", "data", "seed", "prefilter_samples", "max_pass_rate"
 
 def load_for_resume(cfg, model_cfg, digest):
     state = load_trainer_state(cfg.out_dir)
+    before = read_train_config(cfg.out_dir)   # a broken one: an error line naming it
     if load_config(cfg.out_dir) != model_cfg:
         raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture than "
                           f"--init_from={cfg.init_from}")
-    with open(os.path.join(cfg.out_dir, "train_config.json")) as f:
-        before = json.load(f)
     changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if before.get(k) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
@@ -649,10 +649,17 @@ def main(cfg):
                           f"vocabulary is {mcfg.vocab_size}")
     rows = load_prompts(cfg.data)
     digest = file_digest(cfg.data)
-    longest = max(len(tok.render_prompt(r["prompt"], "on")) for r in rows)
+    lengths = [len(tok.render_prompt(r["prompt"], "on")) for r in rows]
+    longest = max(lengths)
     if longest + cfg.max_new_tokens - 1 > mcfg.max_position_embeddings:
-        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens}: the longest prompt of {cfg.data} has {longest} "
-                          f"tokens, and the model's context is {mcfg.max_position_embeddings}")
+        from data import _read_jsonl
+        i = lengths.index(longest)
+        lineno = [n for n, _ in _read_jsonl(cfg.data)][i]
+        if longest >= mcfg.max_position_embeddings:   # the prompt alone fills the context: the row is bad
+            raise DataError(f"{cfg.data}:{lineno}: the prompt is {longest} tokens, longer than the model's "
+                            f"context of {mcfg.max_position_embeddings} (--init_from={cfg.init_from})")
+        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens}: the longest prompt of {cfg.data} (line {lineno}) "
+                          f"has {longest} tokens, and the model's context is {mcfg.max_position_embeddings}")
     reference = None
     if cfg.kl_weight > 0:  # the frozen starting policy; with kl_weight 0 it is never loaded
         reference = load_model(cfg.init_from, device=device).eval().requires_grad_(False)
@@ -722,7 +729,9 @@ def main(cfg):
     n_chunks = math.ceil(cfg.prompts_per_step / cfg.gen_groups)
     rows_per_call = cfg.gen_groups * cfg.group_size
     bar = tqdm(range(start_step, end), disable=not master, desc="grpo", initial=start_step, total=cfg.max_steps)
-    for step in bar:
+    save = lambda s: master and save_checkpoint(cfg.out_dir, model, opt, s, cfg, tok,
+                                                extra={"pool": pool, "data_sha256": digest, "timing": clock.totals})
+    for step in interruptible(bar, save):   # Ctrl-C: save the last finished step, exit 130
         if master and problems and cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step:
             bar.write(f"[grpo] step {step}: {describe_eval(run_eval(step))}", file=sys.stderr)
         # 1-2. the step's prompts, then this process's generate calls (chunk c -> process c % world)

@@ -129,6 +129,14 @@ class ModelConfig:
                                      f"num_attention_heads={self.num_attention_heads}")
             if b.ffn == "swiglu" and not (b.intermediate_size or b.ffn_mult):
                 raise ValueError(f"block_configs[{i}]: a swiglu FFN needs ffn_mult or intermediate_size")
+            if b.ffn == "swiglu" and b.intermediate_size is not None and (
+                    not isinstance(b.intermediate_size, int) or isinstance(b.intermediate_size, bool)
+                    or b.intermediate_size <= 0):
+                raise ValueError(f"block_configs[{i}].intermediate_size must be a positive integer, got "
+                                 f"{b.intermediate_size!r}")
+            if b.ffn == "swiglu" and b.ffn_mult is not None and not (
+                    isinstance(b.ffn_mult, (int, float)) and not isinstance(b.ffn_mult, bool) and b.ffn_mult > 0):
+                raise ValueError(f"block_configs[{i}].ffn_mult must be a positive number, got {b.ffn_mult!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default", None):
@@ -847,6 +855,8 @@ def _weight_files(folder):
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
         return [single]
+    if os.path.isdir(single):
+        raise CheckpointError(f"{single}: is a folder, not a safetensors weights file")
     if os.path.isfile(index):
         try:
             with open(index) as fh:

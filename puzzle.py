@@ -60,10 +60,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
-                          check_writable_dir, run_main)
+                          check_out_dir, check_writable_dir, run_main)
 from data import load_token_shards, load_tokenizer
 from evaluate import bench_decode_many
-from model import (BlockConfig, DecoderLayer, Transformer, kv_bytes_per_token, layer_params, load_config,
+from model import (BlockConfig, DecoderLayer, NonFiniteError, Transformer, kv_bytes_per_token, layer_params, load_config,
                    load_model, rope_cos_sin, save_model)
 from runtime import (MetricsLog, autocast, chunked_kl, lr_at, make_optimizer, plot_curves, read_metrics,
                      setup_dist, step_offsets, teardown_dist, windows)
@@ -167,7 +167,10 @@ class PuzzleConfig:
               self.target_speedup, "the MIP needs a constraint: --target_speedup > 0 and/or --max_memory_bytes > 0")
         check_readable(self.parent, "parent", "dir")
         check_readable(self.data_dir, "data_dir", "dir")
-        check_writable_dir(self.out_dir, "out_dir")
+        data = lambda p: p if os.path.isabs(p) else os.path.join(self.data_dir, p)
+        check_out_dir(self.out_dir, [("parent", self.parent), ("data_dir", self.data_dir),
+                                     ("train_data", data(self.train_data)), ("val_data", data(self.val_data))],
+                      finished=None)   # its own saved stages are reused by design (settings checked)
         pcfg = load_config(self.parent)  # a folder that is no decoder checkpoint: CheckpointError
         check_parent(pcfg, self.parent)
         search_space(pcfg, self)         # candidate lists that do not fit the parent
@@ -237,8 +240,22 @@ def search_space(pcfg, cfg):
         if w < W and w not in widths:
             widths.append(w)
     extra = ([LINEAR] if cfg.linear else []) + ([NO_OP] if cfg.no_op else [])
+    if not kvs and not widths and not extra:
+        raise ConfigError(f"the search space is empty: --kv_heads={cfg.kv_heads} --ffn_fractions={cfg.ffn_fractions} "
+                          f"--linear={cfg.linear} --no_op={cfg.no_op} leave only the parent's own blocks, so there is "
+                          f"nothing to choose; allow at least one candidate")
     return {"attention": [gqa(P)] + [gqa(d) for d in sorted(set(kvs), reverse=True)] + extra,
             "ffn": [swiglu(W)] + [swiglu(w) for w in sorted(widths, reverse=True)] + extra}
+
+
+def describe_space_diff(saved, wanted):
+    names = lambda sp, sub: [c.get("name", str(c)) for c in sp.get(sub, [])] if isinstance(sp, dict) else []
+    parts = []
+    for sub in ("attention", "ffn"):
+        a, b = names(saved, sub), names(wanted, sub)
+        if a != b:
+            parts.append(f"{sub}: saved {a}, flags {b}")
+    return "; ".join(parts) or "the candidates differ"
 
 
 def block_config(pcfg, attn, ffn):
@@ -508,7 +525,7 @@ def train_library(cfg, pcfg, parent, space, train, val, bos_id, dist, log):
         _all_reduce(step_loss, dist)
         if not bool(torch.isfinite(step_loss).all()):
             bad = [keys[i] for i in torch.nonzero(~torch.isfinite(step_loss)).flatten().tolist()]
-            raise FloatingPointError(f"BLD step {step}: non-finite loss for {bad[:4]}; lower --bld_lr")
+            raise NonFiniteError(f"BLD step {step}: non-finite loss for {bad[:4]}: training diverged; lower --bld_lr={cfg.bld_lr}")
         if cfg.bld_grad_clip:
             for mod in cands.values():
                 torch.nn.utils.clip_grad_norm_(mod.parameters(), cfg.bld_grad_clip)
@@ -585,11 +602,18 @@ def load_library_tensors(paths, lib):
     f = paths["library_weights"]
     if not os.path.isfile(f):
         raise ConfigError(f"{f} is missing (library.json is there): redo the library with --stage=library")
-    with safe_open(f, framework="pt") as sf:
-        if (sf.metadata() or {}).get("library_id") != lib["id"]:
-            raise ConfigError(f"{f} does not belong to {paths['library']} (another run wrote it): "
-                              f"redo the library with --stage=library")
-        return {k: sf.get_tensor(k) for k in sf.keys()}
+    from safetensors import SafetensorError
+    try:
+        with safe_open(f, framework="pt") as sf:
+            if (sf.metadata() or {}).get("library_id") != lib["id"]:
+                raise ConfigError(f"{f} does not belong to {paths['library']} (another run wrote it): "
+                                  f"redo the library with --stage=library")
+            return {k: sf.get_tensor(k) for k in sf.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{f}: truncated or not a safetensors file ({str(e).strip()[:160]}): redo the library "
+                          f"with --stage=library") from None
 
 
 def library_modules(pcfg, lib, device):
@@ -1317,10 +1341,13 @@ def write_json(path, obj):
 
 def read_json(path):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); delete it or redo the stage with --force=True") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 JSON text ({e.reason} at byte {e.start}); delete it or redo the "
+                          f"stage with --force=True") from None
 
 
 def out_paths(out_dir):
@@ -1338,6 +1365,13 @@ def load_stage(name, paths):
     if not os.path.isfile(path):
         return None
     res = read_json(path)
+    redo = f"delete it or redo the stage with --stage={name}"
+    if not isinstance(res, dict):
+        raise ConfigError(f"{path}: holds a JSON {type(res).__name__}, not the {name} stage's result object; {redo}")
+    for key, typ in (("id", str), ("settings", dict)):
+        if not isinstance(res.get(key), typ):
+            raise ConfigError(f"{path}: field {key!r} missing or not a {typ.__name__} (not a {name} result "
+                              f"puzzle.py wrote); {redo}")
     if name == "assemble" and not os.path.isdir(paths["child"]):
         return None
     return res
@@ -1438,7 +1472,7 @@ def main(cfg):
                                       f"{cfg.out_dir}: redo it with --stage={name}")
             if name == "library":
                 saved["tensors"] = load_library_tensors(paths, saved)
-            if name == "cost" and saved["settings"]["space"] != state["library"]["space"]:
+            if name == "cost" and saved["settings"].get("space") != state["library"]["space"]:
                 raise ConfigError(f"{paths['cost']} measured another search space than the library's: "
                                   f"redo it with --stage=cost")
             state[name] = saved
@@ -1450,7 +1484,12 @@ def main(cfg):
             tok = parent_tokenizer(cfg, pcfg)
             data = load_data(cfg, pcfg, tok)
         if name in ("mip", "assemble") and "library" in state and state["library"]["space"] != space:
-            space = state["library"]["space"]  # --stage=mip re-solves the saved search space
+            # never silently reuse a library made for other flags: the MIP would solve another space
+            raise ConfigError(f"--stage={cfg.stage}: the saved library in {cfg.out_dir} was built for another search "
+                              f"space than --kv_heads={cfg.kv_heads} --ffn_fractions={cfg.ffn_fractions} "
+                              f"--ffn_round={cfg.ffn_round} --linear={cfg.linear} --no_op={cfg.no_op} give "
+                              f"({describe_space_diff(state['library']['space'], space)}); pass the flags it was made "
+                              f"with, or redo it with --stage=library (or --stage=all)")
         t0 = time.time()
         if name == "library":
             state[name] = run_library(cfg, pcfg, parent, space, data, dist, log, paths, want)

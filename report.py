@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import ConfigError, check_readable, run_main
+from configurator import ConfigError, atomic_write, check_readable, run_main, write_json
 from data import ADD_TASK, CHAT_TASKS
 from model import count_params, kv_bytes_per_token, load_config
 from runtime import moving_average, read_metrics
@@ -40,11 +40,54 @@ class ReportConfig:
         check_readable(self.out_dir, "out_dir", "dir")
 
 
+class Doc(dict):
+    """A JSON object read from `path`: a missing field is an error naming the file and the field."""
+
+    def __init__(self, data, path):
+        super().__init__(data)
+        self.path = path
+
+    def __missing__(self, key):
+        raise ConfigError(f"report: {self.path}: field {key!r} is missing (not a file its stage wrote? "
+                          f"redo the stage, see speedrun.sh)")
+
+
 def _json(path):
     if not os.path.isfile(path):
         raise ConfigError(f"report: {path} is missing (did its stage run? see speedrun.sh)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f, object_hook=lambda d: Doc(d, path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"report: {path}:{e.lineno}: not valid JSON ({e.msg}); redo its stage") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"report: {path}: not UTF-8 JSON text ({e.reason} at byte {e.start})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"report: {path}: holds a JSON {type(data).__name__}, expected an object; redo its stage")
+    return data
+
+
+def _seconds(path):
+    text = open(path, encoding="utf-8", errors="replace").read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"report: {path}: {text[:40]!r} is not a whole number of seconds "
+                          f"(speedrun.sh writes the stage's wall time there)") from None
+
+
+def _number(doc, key):
+    v = doc[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"report: {getattr(doc, 'path', '?')}: field {key!r} is {v!r}, not a number")
+    return v
+
+
+def _metrics(out, m):
+    path = os.path.join(out, m, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ConfigError(f"report: {path} is missing (the {m} stage's log; did it run? see speedrun.sh)")
+    return read_metrics(path)
 
 
 def collect(out):
@@ -55,26 +98,28 @@ def collect(out):
     for s in STAGES:
         p = os.path.join(out, "logs", f"{s}.seconds")
         if os.path.isfile(p):
-            r["seconds"][s] = int(open(p).read().strip())
+            r["seconds"][s] = _seconds(p)
     r["seconds"]["total"] = sum(r["seconds"].values())
     evals = {m: {mode: ev(f"{m}_{mode}") for mode in ("on", "off")} for m in MODELS}
     bench = ev("bench")  # sample.py --ckpt=child --bench=True --baseline=parent
     for m in ("parent", "child"):
         cfg = load_config(os.path.join(out, m))
         b = bench if m == "child" else bench["baseline"]
+        if not isinstance(b, dict):
+            raise ConfigError(f"report: {bench.path}: field 'baseline' is {b!r}, expected the baseline's timings")
         on, off = evals[m]["on"], evals[m]["off"]
         # the parent and child are instruct models: judged on the direct-answer (chat) tasks, in their
         # better mode (neither has been taught the toggle, so the modes differ only in the system prompt)
         chat = {mode: subset_accuracy(evals[m][mode], CHAT_TASKS) for mode in ("on", "off")}
         best = max(("on", "off"), key=lambda mode: chat[mode][0])
         r[m] = {"params": count_params(cfg), "kv_bytes_per_token": kv_bytes_per_token(cfg),
-                "decode_tokens_per_s": b["decode_tokens_per_s"],
-                "prefill_tokens_per_s": b["prefill_tokens_per_s"],
+                "decode_tokens_per_s": _number(b, "decode_tokens_per_s"),
+                "prefill_tokens_per_s": _number(b, "prefill_tokens_per_s"),
                 "accuracy": chat[best][0], "best_mode": best, "n_chat": chat[best][1],
                 "chat_by_task": {t: evals[m][best]["by_task"][t] for t in CHAT_TASKS if t in evals[m][best]["by_task"]},
-                "accuracy_on": on["accuracy"], "accuracy_off": off["accuracy"],
+                "accuracy_on": _number(on, "accuracy"), "accuracy_off": _number(off, "accuracy"),
                 "chat_accuracy_on": chat["on"][0], "chat_accuracy_off": chat["off"][0],
-                "think_rate_on": on["think_rate"], "think_rate_off": off["think_rate"]}
+                "think_rate_on": _number(on, "think_rate"), "think_rate_off": _number(off, "think_rate")}
     asm = _json(os.path.join(out, "puzzle", "assemble.json"))
     child, control = asm["child"], asm.get("control")
     r["child"]["predicted_speedup"] = child["predicted_speedup"]
@@ -82,7 +127,10 @@ def collect(out):
                    "attention": child["attention"], "ffn": child["ffn"],
                    "homogeneous": None if control is None else
                    {k: control[k] for k in ("predicted_speedup", "kl", "score", "attention", "ffn")}}
-    with open(os.path.join(out, "puzzle", "layout.txt")) as f:
+    layout = os.path.join(out, "puzzle", "layout.txt")
+    if not os.path.isfile(layout):
+        raise ConfigError(f"report: {layout} is missing (puzzle.py's assemble stage writes it)")
+    with open(layout, encoding="utf-8", errors="replace") as f:
         r["puzzle"]["layout_table"] = f.read().rstrip()
     r["child"]["assemble_measured_speedup"] = child.get("measured_speedup")
     r["child"]["measured_speedup"] = r["child"]["decode_tokens_per_s"] / r["parent"]["decode_tokens_per_s"]
@@ -91,10 +139,9 @@ def collect(out):
         on, off = evals[m]["on"], evals[m]["off"]
         (acc_on, n_chains), (acc_off, _) = (subset_accuracy(e, (ADD_TASK,)) for e in (on, off))
         r[m] = {"accuracy_on": acc_on, "accuracy_off": acc_off, "n_chains": n_chains,
-                "all_accuracy_on": on["accuracy"], "all_accuracy_off": off["accuracy"],
-                "think_rate_on": on["think_rate"], "think_rate_off": off["think_rate"]}
-    sft_rows = read_metrics(os.path.join(out, "sft", "metrics.jsonl"))
-    conv = [row for row in sft_rows if "chain_gain_last_third" in row]
+                "all_accuracy_on": _number(on, "accuracy"), "all_accuracy_off": _number(off, "accuracy"),
+                "think_rate_on": _number(on, "think_rate"), "think_rate_off": _number(off, "think_rate")}
+    conv = [row for row in _metrics(out, "sft") if "chain_gain_last_third" in row]
     r["sft"]["gain_last_third"] = conv[-1]["chain_gain_last_third"] if conv else None
     err = lambda a: 1 - a
     r["grpo"]["gain_points"] = 100 * (r["grpo"]["accuracy_on"] - r["sft"]["accuracy_on"])
@@ -129,6 +176,7 @@ def subset_accuracy(ev, tasks):
 
 
 def plots(r, out):
+    metrics = {m: _metrics(out, m) for m in MODELS}   # every log first: a missing one is named before any plot
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -143,7 +191,7 @@ def plots(r, out):
     axes[0].set_ylabel("accuracy")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy_by_k.png"), dpi=110)
+    atomic_write(os.path.join(out, "accuracy_by_k.png"), lambda p: fig.savefig(p, dpi=110))
     plt.close(fig)
     panels = [("parent", "parent pretraining", ["train_lm", "val_lm"]),
               ("child", "child KD (from the parent)", ["train_kl", "train_cos", "val_kl", "val_lm"]),
@@ -153,8 +201,7 @@ def plots(r, out):
               ("grpo", "GRPO: rollout accuracy by bucket (smoothed), held-out accuracy", None)]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for ax, (m, title, keys) in zip(axes, panels):
-        path = os.path.join(out, m, "metrics.jsonl")
-        rows = read_metrics(path) if os.path.isfile(path) else []
+        rows = metrics[m]
         smooth = {}
         if keys is None:
             keys = sorted({k for row in rows for k in row if k.startswith("reward_accuracy_on_")})
@@ -172,7 +219,7 @@ def plots(r, out):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    atomic_write(os.path.join(out, "curves.png"), lambda p: fig.savefig(p, dpi=100))
     plt.close(fig)
 
 
@@ -247,11 +294,9 @@ def main(cfg):
     out = cfg.out_dir
     r = collect(out)
     plots(r, out)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(r, f, indent=1)
-    md = markdown(r)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(md)
+    md = markdown(r)   # both made before either is written
+    write_json(os.path.join(out, "report.json"), r)
+    atomic_write(os.path.join(out, "report.md"), md)
     print(md)
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import sys
 import time
 
 import numpy as np
@@ -17,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from configurator import (ConfigError, UserError, atomic_write, parse_config, remove_tmp_files,  # noqa: F401
-                          run_main)                                                             # (re-exported)
+from configurator import (PROGRESS, ConfigError, Interrupted, UserError, append_line, atomic_write,  # noqa: F401
+                          check_out_dir, parse_config, remove_tmp_files, run_main, write_json)   # (re-exported)
 
 
 def config_dict(cfg):
@@ -149,6 +150,29 @@ def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
     return total_batch_size // per_micro
 
 
+def auto_seq_len(context, longest, floor=256):
+    """A row length that fits any checkpoint: the longest sample rounded up to a power of two (at
+    least `floor`), never more than the model's context (a 131,072-token Llama 3 context does not
+    make 131,072-token rows for 300-token samples)."""
+    want = max(floor, 1 << max(0, int(longest) - 1).bit_length())
+    return max(1, min(int(context), want))
+
+
+def auto_total_batch(target_tokens, device_batch_size, seq_len, world_size=1):
+    """A global batch of ~target_tokens, rounded to the nearest multiple (at least one) of what one
+    micro-step of every process holds (device_batch_size x seq_len x world_size)."""
+    per_micro = device_batch_size * seq_len * world_size
+    return per_micro * max(1, round(target_tokens / per_micro))
+
+
+def auto_eval_interval(max_steps, interval=100):
+    """Evaluations that scale with the run: none at all for runs of 1-2 steps (an evaluation costs
+    more than such a run), else every `interval` steps, and at least one in the middle of a short run."""
+    if max_steps <= 2:
+        return None
+    return max(1, min(interval, max_steps // 2))
+
+
 def lr_at(step, max_steps, lr, warmup_steps, min_lr_frac=0.1):
     """Linear warmup over steps 0..warmup-1, then cosine decay that reaches min_lr_frac * lr at
     the last step (max_steps - 1)."""
@@ -167,32 +191,71 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu"):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.startswith("cuda"))
 
 
+RUN_MARKER = "run_marker"   # the first line a run writes to its metrics.jsonl
+
+
 class MetricsLog:
-    """Append-only JSONL of metrics (master process only), read back for plots and reports."""
+    """Append-only JSONL of metrics (master process only), read back for plots and reports.
+    Nothing is ever deleted or truncated: a run appends a marker line {"run_marker": {...}} and then
+    its rows, each one whole line written, flushed and fsynced (configurator.append_line). A fresh
+    run's marker has "continues": False, so readers (read_metrics) take the rows after the last one;
+    a resumed run (append=True) continues the run before it."""
 
     def __init__(self, path, enabled=True, append=False):
         self.path, self.enabled = path, enabled
         if enabled:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            if not append and os.path.exists(path):
-                os.remove(path)
+            _repair_torn_tail(path)
+            append_line(path, json.dumps({RUN_MARKER: {"time": round(time.time(), 3), "continues": bool(append)}}))
 
     def log(self, **row):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.path, json.dumps(row))
 
 
-def read_metrics(path):
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-    return rows
+def _repair_torn_tail(path):
+    """A log whose last line was cut by a kill gets a newline, so the next line starts whole."""
+    if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            append_line(path, "")
+
+
+def read_metrics(path, all_runs=False):
+    """The rows of a metrics.jsonl: those of its last run (after the last marker of a fresh run;
+    all_runs=True: every row), markers left out. A torn line (a run killed mid-write: the last
+    line, or a line that a later run's first line followed) is skipped with one warning; any other
+    line that is not a JSON object is an error naming the file and line."""
+    runs, torn = [[]], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            nxt = next((x for x in lines[n:] if x.strip()), None)
+            if nxt is None or RUN_MARKER in nxt:   # the last line of a run that was killed
+                torn.append(n)
+                continue
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); the metrics log is damaged") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        if RUN_MARKER in row:
+            if not (row[RUN_MARKER] or {}).get("continues"):
+                runs.append([])
+            continue
+        runs[-1].append(row)
+    if torn:
+        print(f"warning: {path}: skipped {len(torn)} torn line(s) (line {', '.join(map(str, torn))}) of a run "
+              f"that was killed while writing", file=sys.stderr)
+    return [r for run in runs for r in run] if all_runs else runs[-1]
 
 
 def moving_average(values, window):
@@ -222,7 +285,7 @@ def plot_curves(path_png, rows, keys, xkey="step", title="", smooth=1):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path_png, dpi=110)
+    atomic_write(path_png, lambda p: fig.savefig(p, dpi=110))
     plt.close(fig)
 
 
@@ -242,6 +305,48 @@ def save_checkpoint(out_dir, model, optimizer, step, cfg, tokenizer=None, extra=
     state = {"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {}}
     atomic_write(os.path.join(out_dir, "trainer_state.pt"), lambda p: torch.save(state, p))
     atomic_write(os.path.join(out_dir, "train_config.json"), json.dumps(config_dict(cfg), indent=2))
+
+
+def interruptible(steps, save):
+    """The training loop's steps, with a clean Ctrl-C: `for step in interruptible(bar, save)`.
+    The first Ctrl-C lets the step in progress finish, then save(step) writes the checkpoint of
+    the last finished step (atomically; a Ctrl-C during the save is ignored) and Interrupted(step)
+    ends the run: run_main prints `interrupted at step N; --resume=True continues`, exit 130. A
+    second Ctrl-C stops at once (the folder keeps its last saved checkpoint: `interrupted`)."""
+    import signal
+    hits = []
+
+    def on_sigint(signum, frame):
+        hits.append(1)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+        print("\n[Ctrl-C: saving after this step; Ctrl-C again stops now without saving]", file=sys.stderr)
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:   # not the main thread: Ctrl-C is not ours to handle
+        previous = None
+    first, done = None, None
+    try:
+        for step in steps:
+            first = step if first is None else first
+            if hits:
+                done = step     # steps first .. step-1 finished
+                break
+            yield step
+            done = step + 1
+        if not hits:
+            return
+        if done is None or done <= first:   # nothing finished in this invocation: nothing to save
+            raise KeyboardInterrupt
+        if previous is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        save(done)
+        PROGRESS["step"] = done
+        raise Interrupted(done)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def load_trainer_state(out_dir):
@@ -272,6 +377,86 @@ def load_trainer_state(out_dir):
         raise ConfigError(f"{out_dir}: model.safetensors is from step {saved_step} but trainer_state.pt "
                           f"from step {state['step']}: the checkpoint was interrupted while being written")
     return state
+
+
+def heldout_capacity(split, k_min=3, k_max=8, chat_share=0.4):
+    """Upper bounds on the distinct problems data.heldout_problems can draw from a held-out split:
+    (chains, chat tasks). Chains: half of each k's distinct chains in the split (chains_per_k's cap;
+    k > 6 estimated from the split's fraction of 10^k); chat: the split's fraction of the distinct
+    prompts of the chat tasks (ordered word lists of 1-5 of the words, numbers for "next")."""
+    import math as _m
+    import data
+    frac = data.SPLIT_FRACTIONS[split]
+    chains = sum((data.split_capacity(split, k) if k <= 6 else int(frac * 10 ** k)) // 2
+                 for k in range(k_min, k_max + 1))
+    lists = sum(_m.perm(len(data.WORDS), r) for r in range(1, 6))
+    chat = int(frac * (len(data.CHAT_TASKS) - 1) * lists + frac * 9999) // 2
+    return chains, chat
+
+
+MAX_EVAL_PROBLEMS = 1_000_000   # beyond this the problem generator alone runs for many minutes
+
+
+def check_heldout_size(flag, n, split, chat_share=0.4):
+    """--n / --eval_problems against what the split holds, before any work (not after the generator
+    has spun through 200 n tries)."""
+    if not n:
+        return
+    chains, chat = heldout_capacity(split)
+    n_chat = round(n * chat_share)
+    if n > MAX_EVAL_PROBLEMS or n - n_chat > chains or n_chat > chat:
+        raise ConfigError(f"--{flag}={n}: the {split} split holds at most {min(chains + chat, MAX_EVAL_PROBLEMS):,} "
+                          f"distinct problems for an evaluation ({chains:,} chains k=3..8, {chat:,} chat tasks, "
+                          f"at most {MAX_EVAL_PROBLEMS:,} in all); use a smaller --{flag}")
+
+
+def memory_budget(device):
+    """Bytes a run may plan to allocate on `device`: 80% of the free GPU memory, or of the
+    physical memory (available pages where the OS reports them) on a CPU."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return int(0.8 * free)
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pages = os.sysconf("SC_PHYS_PAGES")
+    return int(0.8 * pages * os.sysconf("SC_PAGE_SIZE"))
+
+
+def decode_bytes(mcfg, batch, context, bytes_per_element=4):
+    """What a generate call of `batch` rows over `context` positions allocates: the KV cache
+    (2 x KV heads x head_dim per attention layer and position), the logits, the sampling noise and
+    the vocabulary mask (B x V fp32 each), and one layer's activations."""
+    kv = sum(2 * mcfg.kv_heads(i) * mcfg.head_dim for i, b in enumerate(mcfg.block_configs) if b.attention == "gqa")
+    per_row = context * kv * bytes_per_element + 4 * mcfg.vocab_size * 4 + context * mcfg.hidden_size * 4 * 4
+    return batch * per_row
+
+
+def check_decode_fits(flag, batch, mcfg, context, device, bytes_per_element=4):
+    """--batch_size against the memory of the device, before any allocation."""
+    need, have = decode_bytes(mcfg, batch, context, bytes_per_element), memory_budget(device)
+    if need > have:
+        fit = max(1, batch * have // max(need, 1))
+        raise ConfigError(f"--{flag}={batch}: {batch} rows x {context} positions need ~{need / 2**30:.1f} GiB "
+                          f"(KV cache, logits), more than the {have / 2**30:.1f} GiB this {device} has free; "
+                          f"at most ~{fit} rows fit")
+
+
+def read_train_config(out_dir):
+    """train_config.json of a checkpoint folder (for --resume=True): a JSON object, or an error
+    line naming the file."""
+    path = os.path.join(out_dir, "train_config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume=True: {path} does not exist (not a checkpoint written by save_checkpoint)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--resume=True: {path} is not valid JSON ({e})") from None
+    if not isinstance(before, dict):
+        raise ConfigError(f"--resume=True: {path} holds a JSON {type(before).__name__}, expected the object of "
+                          f"settings save_checkpoint writes")
+    return before
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from data import DataError, heldout_problems, load_rl_jsonl, load_tokenizer, spl
 from evaluate import (bench_compare, bench_decode, bench_decode_many, evaluate_problems, format_breakdown,
                       generate_responses)
 from model import load_model
-from runtime import pick_device
+from runtime import check_decode_fits, check_heldout_size, pick_device
 
 
 @dataclass
@@ -109,6 +109,19 @@ class SampleConfig:
                 check_readable(getattr(self, name), name)
         if self.out:
             check(not os.path.isdir(self.out), "out", self.out, "is a folder; give a file name")
+            out = os.path.realpath(self.out)
+            for name in ("ckpt", "baseline", "problems", "prompts"):   # a result never lands in an input
+                inp = getattr(self, name)
+                if inp and (out == os.path.realpath(inp) or out.startswith(os.path.realpath(inp) + os.sep)):
+                    raise ConfigError(f"--out={self.out}: is or lies inside --{name}={inp}; the result would "
+                                      f"overwrite an input (choose another --out)")
+        if self.eval and not self.problems:
+            check_heldout_size("n", self.n, self.split)
+        if self.bench:
+            from model import load_config
+            mcfg = load_config(self.ckpt)
+            context = self.prompt_len + self.bench_tokens
+            check_decode_fits("batch_size", self.batch_size, mcfg, context, pick_device(self.device))
 
 
 def load(cfg):

@@ -55,6 +55,8 @@ from evaluate import evaluate_problems
 from model import CheckpointError, NonFiniteError, count_params, load_config, load_model
 from runtime import (PRECISIONS, pick_device, resolve_precision, MetricsLog, autocast, chunked_cross_entropy, config_dict, grad_accum_steps, grad_sync,
                      load_trainer_state, lr_at, make_optimizer, plot_curves, read_metrics, run_main,
+                     check_heldout_size, check_out_dir, interruptible, read_train_config, auto_eval_interval,
+                     auto_seq_len, auto_total_batch,
                      save_checkpoint, setup_dist, teardown_dist)
 
 
@@ -63,7 +65,8 @@ class SFTConfig:
     # data (data.py writes the nano world's: 20k rows, ~1M tokens, each prompt once "on", once "off")
     data: str = "out/data/sft_train.jsonl"     # path[:weight],path[:weight],...
     val_data: str = "out/data/sft_val.jsonl"   # held-out loss ("" = none)
-    seq_len: int = 0                           # packed row length; 0 = the model's context (256)
+    seq_len: int = 0                           # packed row length; 0 = the longest sample rounded up to a
+                                               # power of two >= 256, at most the model's context
     # model
     init_from: str = "out/child"               # the Puzzle child after KD (any model.py checkpoint)
     # optimisation
@@ -71,7 +74,8 @@ class SFTConfig:
                                                # here: chains of k <= 6 go from ~10% to 80-95% in steps
                                                # 200-450; k = 7..8 are left to RL, see README)
     max_steps: int = 0                         # > 0: run this many steps instead of --epochs
-    total_batch_size: int = 4096               # tokens per optimizer step (16 rows x 256, ~75 samples)
+    total_batch_size: int = 0                  # tokens per optimizer step; 0 = ~4096 (16 rows x 256, ~75
+                                               # samples) rounded to a multiple of device_batch_size x seq_len
     device_batch_size: int = 16                # rows per micro-step per process
     stop_after: int = 0                        # end this invocation after N more steps (then --resume)
     lr: float = 3e-3                           # nano: 1e-3 reached the same accuracy in ~2x the steps
@@ -81,7 +85,8 @@ class SFTConfig:
     grad_clip: float = 1.0
     vocab_chunk: int = 4096                    # tokens per chunk of the vocabulary-sized loss
     # evaluation
-    eval_interval: int = 0                     # every N steps (and at start and end); 0 = at 2/3 and the end
+    eval_interval: int | None = None           # every N steps (and at start and end); None: only at 2/3 of the
+                                               # steps and the end (none at all for 1-2 steps); 0: the same
     eval_rows: int = 256                       # packed rows of --val_data for the held-out loss (0 = all)
     eval_problems: int = 600                   # held-out "val" problems per mode (0 = no generation eval):
                                                # 360 chains, so the convergence check (accuracy at 2/3 of
@@ -94,6 +99,7 @@ class SFTConfig:
     seed: int = 1337
     out_dir: str = "out/sft"
     resume: bool = False
+    overwrite: bool = False                    # replace a finished checkpoint in --out_dir (else refused)
     ckpt_interval: int = 0                     # also checkpoint every N steps (0 = only at the end)
     log_interval: int = 10
 
@@ -111,25 +117,26 @@ class SFTConfig:
         check(tokenizer_file(self.init_from) is not None, "init_from", self.init_from,
               "the checkpoint has no tokenizer (tokenizer.model at its root or under original/); the "
               "rows are rendered with the starting model's own tokenizer, so copy the one it was trained with into it")
-        if self.seq_len == 0:
-            self.seq_len = context  # resolved here, so train_config.json records the real length
-        check_range(self, "seq_len", 8, context)
-        check_positive(self, "epochs", "total_batch_size", "device_batch_size", "lr", "grad_clip",
+        if self.seq_len:   # 0: resolved from the data in main (auto_seq_len), recorded in train_config.json
+            check_range(self, "seq_len", 8, context)
+        check_positive(self, "epochs", "device_batch_size", "lr", "grad_clip",
                        "vocab_chunk", "eval_max_new_tokens", "log_interval")
         for name in ("max_steps", "stop_after", "eval_interval", "eval_rows", "eval_problems", "ckpt_interval",
-                     "weight_decay"):
-            check_range(self, name, 0)
+                     "weight_decay", "total_batch_size"):
+            if getattr(self, name) is not None:
+                check_range(self, name, 0)
         check_range(self, "min_lr_frac", 0, 1)
         check_range(self, "warmup_frac", 0, 1, hi_open=True)
-        check(self.total_batch_size % (self.device_batch_size * self.seq_len) == 0, "total_batch_size",
-              self.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
-              f"{self.device_batch_size} * {self.seq_len}")
+        if self.seq_len and self.total_batch_size:
+            check(self.total_batch_size % (self.device_batch_size * self.seq_len) == 0, "total_batch_size",
+                  self.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
+                  f"{self.device_batch_size} * {self.seq_len}")
         check_choice(self, "device", ("auto", "cpu", "cuda"))
         check_choice(self, "precision", PRECISIONS)
         self.precision = resolve_precision(pick_device(self.device), self.precision)  # recorded as run
-        check_writable_dir(self.out_dir, "out_dir")
-        check(os.path.realpath(self.out_dir) != os.path.realpath(self.init_from), "out_dir", self.out_dir,
-              "must differ from --init_from (the run would overwrite its starting checkpoint)")
+        check_heldout_size("eval_problems", self.eval_problems, "val")
+        check_out_dir(self.out_dir, [("init_from", self.init_from), *(("data", p) for p, _ in sources),
+                                     ("val_data", self.val_data)], resume=self.resume, overwrite=self.overwrite)
 
 
 def parse_data_spec(spec):
@@ -417,11 +424,10 @@ RESUME_KEYS = ("init_from", "data", "seed", "seq_len", "total_batch_size", "epoc
 def load_for_resume(cfg, model_cfg, data_stats, max_steps):
     """The checkpoint in out_dir, checked against this run: same architecture, same run, same data."""
     state = load_trainer_state(cfg.out_dir)
+    before = read_train_config(cfg.out_dir)   # a broken one: an error line naming it
     if load_config(cfg.out_dir) != model_cfg:
         raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture than "
                           f"--init_from={cfg.init_from}")
-    with open(os.path.join(cfg.out_dir, "train_config.json")) as f:
-        before = json.load(f)
     changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if before.get(k) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
@@ -446,7 +452,14 @@ def main(cfg):
     V = mcfg.vocab_size
     pad_id = tok.pad_id if tok.pad_id < V else 0  # any id: the pad document is masked and has no targets
     t0 = time.time()
-    sources = [Source(p, w, tok, cfg.seq_len, V) for p, w in parse_data_spec(cfg.data)]
+    # Defaults that fit any checkpoint: rows as long as the data needs (not the model's context),
+    # a global batch of ~4096 tokens in whole micro-steps. Resolved into cfg (train_config.json).
+    context = mcfg.max_position_embeddings
+    sources = [Source(p, w, tok, cfg.seq_len or context, V) for p, w in parse_data_spec(cfg.data)]
+    if not cfg.seq_len:
+        cfg.seq_len = auto_seq_len(context, max(s.longest for s in sources))
+    if not cfg.total_batch_size:
+        cfg.total_batch_size = auto_total_batch(4096, cfg.device_batch_size, cfg.seq_len, dist.world_size)
     val_sources = [Source(cfg.val_data, 1.0, tok, cfg.seq_len, V)] if cfg.val_data else []
     for s in sources + val_sources:
         say(s.report())
@@ -457,7 +470,7 @@ def main(cfg):
         val_rows = [[(0, j) for j in row] for row in pack(vs.lengths, cfg.seq_len)]
         val_rows = val_rows[:cfg.eval_rows] if cfg.eval_rows else val_rows
     problems = []
-    if cfg.eval_problems:
+    if cfg.eval_problems and not (cfg.eval_interval is None and 0 < cfg.max_steps <= 2):
         try:
             problems = heldout_problems("val", cfg.eval_problems, EVAL_SEED)
         except ValueError as e:
@@ -469,6 +482,10 @@ def main(cfg):
     if max_steps < 1:
         raise ConfigError(f"--epochs={cfg.epochs} of {cfg.data} is {stream.rows_in_epochs(cfg.epochs)} rows, fewer "
                           f"than one step of --total_batch_size={cfg.total_batch_size} ({rows_per_step} rows)")
+    evals = cfg.eval_interval is not None or auto_eval_interval(max_steps) is not None   # none for 1-2 steps
+    if cfg.eval_interval is None:   # the generation evals cost ~10 s each: at 2/3 and the end only
+        cfg.eval_interval = 0
+        problems = problems if evals else []
     epoch_rows = len(stream.epoch(0))
     fill = sum(s.lengths.mean() * c for s, c in zip(sources, stream.counts))  # sample tokens per epoch
     data_stats = {s.path: s.stats() for s in sources}
@@ -509,7 +526,8 @@ def main(cfg):
 
     bar = tqdm(range(start_step, end), disable=not master, desc="sft", initial=start_step, total=end)
     train_time, tokens_since, real_since = 0.0, 0, 0
-    for step in bar:
+    save = lambda s: master and save_checkpoint(cfg.out_dir, raw, opt, s, cfg, tok, extra={"data": data_stats})
+    for step in interruptible(bar, save):   # Ctrl-C: save the last finished step, exit 130
         due = (cfg.eval_interval and step % cfg.eval_interval == 0) or (problems and step == two_thirds)
         if due and step > start_step and master:
             row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
@@ -557,7 +575,7 @@ def main(cfg):
             save_checkpoint(cfg.out_dir, raw, opt, step + 1, cfg, tok, extra={"data": data_stats})
     if master:
         save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok, extra={"data": data_stats})
-        if end == max_steps:
+        if end == max_steps and evals:
             row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
             log.log(step=end, **row)
             say(f"step {end}: {describe_eval(row)}")

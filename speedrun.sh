@@ -44,6 +44,15 @@ fi                                          # 1.41x in a run and 1.58x / 1.59x i
 # puzzle.py reuses its saved stages made with the same settings; FORCE=1 means measure and train again
 if [[ $FORCE == 1 ]]; then PUZZLE_ARGS="$PUZZLE_ARGS --force=True"; fi
 
+# A training stage never silently replaces a saved checkpoint: FORCE=1 passes --overwrite=True (the old
+# files stay until the new checkpoint is saved); a stage that was interrupted after it saved a
+# checkpoint (Ctrl-C saves the last finished step) continues with --resume=True.
+again() {
+  if [[ $FORCE == 1 ]]; then echo "--overwrite=True"
+  elif [[ -e "$1/trainer_state.pt" ]]; then echo "--resume=True"
+  fi
+}
+
 # run_stage NAME COMMAND...: skipped when $OUT/.done/NAME exists (unless FORCE=1); the log goes to
 # $OUT/logs/NAME.log, the wall time to $OUT/logs/NAME.seconds; a failure stops the chain.
 run_stage() {
@@ -65,15 +74,15 @@ run_stage() {
 
 run_stage data    $PY data.py --seed=$SEED --out_dir=$OUT/data $DATA_ARGS
 run_stage parent  $PY distill.py config/nano_parent_cpu.py --seed=$SEED --device=$DEVICE \
-                      --data_dir=$OUT/data --out_dir=$OUT/parent $PARENT_ARGS
+                      --data_dir=$OUT/data --out_dir=$OUT/parent $PARENT_ARGS $(again $OUT/parent)
 run_stage puzzle  $PY puzzle.py --seed=$SEED --device=$DEVICE --parent=$OUT/parent --data_dir=$OUT/data \
                       --out_dir=$OUT/puzzle $PUZZLE_ARGS
 run_stage kd      $PY distill.py config/nano_kd_cpu.py --seed=$SEED --device=$DEVICE --data_dir=$OUT/data \
-                      --init_from=$OUT/puzzle/child --teacher=$OUT/parent --out_dir=$OUT/child $KD_ARGS
+                      --init_from=$OUT/puzzle/child --teacher=$OUT/parent --out_dir=$OUT/child $KD_ARGS $(again $OUT/child)
 run_stage sft     $PY sft.py --seed=$SEED --device=$DEVICE --init_from=$OUT/child --data=$OUT/data/sft_train.jsonl \
-                      --val_data=$OUT/data/sft_val.jsonl --out_dir=$OUT/sft $SFT_ARGS
+                      --val_data=$OUT/data/sft_val.jsonl --out_dir=$OUT/sft $SFT_ARGS $(again $OUT/sft)
 run_stage grpo    $PY grpo.py --seed=$SEED --device=$DEVICE --init_from=$OUT/sft --data=$OUT/data/rl_train.jsonl \
-                      --out_dir=$OUT/grpo $GRPO_ARGS
+                      --out_dir=$OUT/grpo $GRPO_ARGS $(again $OUT/grpo)
 
 # Evaluation: every model on the same held-out problems (test split, seed 1) in both modes, greedy;
 # decode throughput of child and parent, timed together.

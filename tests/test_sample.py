@@ -253,3 +253,15 @@ def test_sample_eval_bench_prompts_and_errors(data_dir, tmp_path):
     save_model(nan, str(tmp_path / "nan"))
     tok.save(str(tmp_path / "nan"))
     one_line_error(run_sample(f"--ckpt={tmp_path / 'nan'}"), "model.layers.0.mlp.up_proj.weight", "non-finite")
+
+
+def test_top_p_threshold_is_pinned():
+    """probs 0.5 / 0.3 / 0.2, top_p 0.7: a token is dropped when the more likely ones already cover
+    0.7, so tokens 0 and 1 survive (0.5 < 0.7) and token 2 does not (0.8 > 0.7). With the threshold
+    halved (0.35) token 1 would be dropped too. The noise makes token 1 win whenever it survives."""
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    favour = lambda i: torch.tensor([[1.0, 1.0, 1.0]]).index_fill_(1, torch.tensor([i]), 1e-6)
+    assert int(sample_next(logits, 1.0, None, 0.7, noise=favour(1))[0]) == 1   # survives
+    assert int(sample_next(logits, 1.0, None, 0.7, noise=favour(2))[0]) == 0   # dropped: the best token wins
+    assert int(sample_next(logits, 1.0, None, 0.49, noise=favour(1))[0]) == 0  # 0.5 > 0.49: only token 0
+    assert int(sample_next(logits, 1.0, None, 0.81, noise=favour(2))[0]) == 2  # 0.8 < 0.81: all three
