@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import distill
 from data import DataConfig, load_token_shards, load_tokenizer, prepare
 from model import ModelConfig, Transformer, save_model
-from runtime import ConfigError, Dist, chunked_cross_entropy, chunked_kl, doc_ids_and_positions, parse_config
+from runtime import read_metrics, ConfigError, Dist, chunked_cross_entropy, chunked_kl, doc_ids_and_positions, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocesses run the scripts as a user would: on CPU with the PyTorch references, not with the
@@ -60,10 +60,11 @@ def test_ddp_two_processes_equal_one(data_dir, tmp_path):
     a, b = load_file(str(tmp_path / "A" / "model.safetensors")), load_file(str(tmp_path / "B" / "model.safetensors"))
     assert max_diff(a, b) <= 1e-4
     torch.manual_seed(7)  # the weights both runs started from
-    init = distill.build_student(parse_config(distill.DistillConfig, common), load_tokenizer(data_dir).n_vocab)
+    init = distill.build_student(parse_config(distill.DistillConfig, common + [f"--out_dir={tmp_path / 'C'}"]),
+                                 load_tokenizer(data_dir).n_vocab)
     assert max_diff(a, {k: v for k, v in init.state_dict().items() if k in a}) > 1e-3  # and they trained
-    rows = [json.loads(x) for x in open(tmp_path / "A" / "metrics.jsonl")]
-    logged = [json.loads(x) for x in open(tmp_path / "B" / "metrics.jsonl")]
+    rows = read_metrics(str(tmp_path / "A" / "metrics.jsonl"))
+    logged = read_metrics(str(tmp_path / "B" / "metrics.jsonl"))
     assert all(r["tokens_per_s"] > 0 for r in rows)  # throughput is logged
     for ra, rb in zip(rows, logged):  # the logged loss is the global mean, not rank 0's share
         assert abs(ra["train_lm"] - rb["train_lm"]) < 1e-4
@@ -76,7 +77,7 @@ def test_resume_equals_straight_run(data_dir, tmp_path):
     resumed = run(data_dir, tmp_path / "R", "--max_steps=6", "--resume=True")
     assert max_diff(straight, resumed) <= 1e-5
     assert max_diff(straight, half) > 1e-3  # the first invocation really stopped early
-    steps = [r["step"] for r in map(json.loads, open(tmp_path / "R" / "metrics.jsonl")) if "train_lm" in r]
+    steps = [r["step"] for r in read_metrics(str(tmp_path / "R" / "metrics.jsonl"), all_runs=True) if "train_lm" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run appended to the same log
     with pytest.raises(ConfigError, match="already at step 6"):
         run(data_dir, tmp_path / "R", "--max_steps=6", "--resume=True")
@@ -114,7 +115,7 @@ def test_kd_moves_student_toward_teacher(data_dir, tmp_path):
     kd = ["--teacher=" + str(tmp_path / "parent"), "--init_from=" + str(child), "--n_layer=1",
           "--eval_interval=4", "--lr=1e-2"]
     run(data_dir, tmp_path / "kd", "--max_steps=8", *kd)
-    rows = [json.loads(x) for x in open(tmp_path / "kd" / "metrics.jsonl")]
+    rows = read_metrics(str(tmp_path / "kd" / "metrics.jsonl"))
     val = [r for r in rows if "val_kl" in r]
     assert len(val) == 2 and val[-1]["val_kl"] < 0.8 * val[0]["val_kl"]
     assert "val_cos" in val[0] and all(k in rows[0] for k in ("train_kl", "train_cos"))
@@ -218,7 +219,7 @@ def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir, tmp_pat
     # end to end: the gradient norm distill.py logs for its first step (before clipping) is the
     # norm of the direct gradient, so no factor can hide between the micro-steps and the optimizer
     run(data_dir, tmp_path / "one", "--total_batch_size=512", "--max_steps=1", "--warmup_steps=0")
-    row = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")][0]
+    row = read_metrics(str(tmp_path / "one" / "metrics.jsonl"))[0]
     torch.manual_seed(cfg.seed)   # the weights distill.py started from
     init = distill.build_student(cfg, tok.n_vocab)
     offsets = distill.step_offsets(len(train), cfg.seed, 0, 512 // cfg.seq_len, cfg.seq_len)
@@ -234,7 +235,7 @@ def test_bad_input_errors(data_dir, tmp_path):
     small = Transformer(ModelConfig.llama(num_layers=1, vocab_size=100, hidden_size=32, num_attention_heads=4,
                                           intermediate_size=64, max_position_embeddings=64))
     save_model(small, str(tmp_path / "small"))
-    with pytest.raises(ConfigError, match="tokenizer .* has 768 tokens but the model"):
+    with pytest.raises(ConfigError, match="tokenizer .* has 640 tokens but the model"):
         run(data_dir, tmp_path / "x", "--max_steps=1", f"--init_from={tmp_path / 'small'}")
     run(data_dir, tmp_path / "p", "--max_steps=1")
     with pytest.raises(ConfigError, match="teacher .* vocabulary of 100"):
