@@ -34,7 +34,7 @@ from configurator import (check, check_choice, check_positive, check_range, chec
                           check_writable_dir)
 from data import load_token_shards, load_tokenizer
 from model import ModelConfig, NonFiniteError, Transformer, count_params, load_config, load_model
-from runtime import (PRECISIONS, pick_device, resolve_precision, ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
+from runtime import (PRECISIONS, resolve_precision, ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
                      config_dict, grad_accum_steps, grad_sync, load_trainer_state, lr_at, make_optimizer,
                      plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, step_offsets,
                      teardown_dist, windows, auto_eval_interval, check_out_dir, interruptible, read_train_config)
@@ -113,7 +113,6 @@ class DistillConfig:
         check_range(self, "min_lr_frac", 0, 1)
         check_choice(self, "device", ("auto", "cpu", "cuda"))
         check_choice(self, "precision", PRECISIONS)
-        self.precision = resolve_precision(pick_device(self.device), self.precision)  # recorded as run
         if self.init_from != "scratch":
             check_readable(self.init_from, "init_from", "dir")
         if self.teacher:
@@ -330,6 +329,7 @@ def load_for_resume(cfg, model_cfg, train):
 def main(cfg):
     dist = setup_dist(cfg.device)
     device, master = dist.device, dist.master
+    cfg.precision = resolve_precision(device, cfg.precision)   # "auto" -> what runs, recorded as such
     torch.manual_seed(cfg.seed)
     path = lambda p: p if os.path.isabs(p) else os.path.join(cfg.data_dir, p)
     tok = load_tokenizer(cfg.data_dir)

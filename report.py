@@ -110,6 +110,8 @@ def collect(out):
         on, off = evals[m]["on"], evals[m]["off"]
         # the parent and child are instruct models: judged on the direct-answer (chat) tasks, in their
         # better mode (neither has been taught the toggle, so the modes differ only in the system prompt)
+        for e in (on, off):   # a damaged eval file is named by its first bad field
+            _number(e, "accuracy"), _number(e, "think_rate")
         chat = {mode: subset_accuracy(evals[m][mode], CHAT_TASKS) for mode in ("on", "off")}
         best = max(("on", "off"), key=lambda mode: chat[mode][0])
         r[m] = {"params": count_params(cfg), "kv_bytes_per_token": kv_bytes_per_token(cfg),

@@ -203,13 +203,17 @@ class MetricsLog:
 
     def __init__(self, path, enabled=True, append=False):
         self.path, self.enabled = path, enabled
-        if enabled:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            _repair_torn_tail(path)
-            append_line(path, json.dumps({RUN_MARKER: {"time": round(time.time(), 3), "continues": bool(append)}}))
+        # the marker goes in with the first row: a run that fails before logging anything (a bad
+        # flag found late, a missing stage result) leaves its folder as it was
+        self._marker = {RUN_MARKER: {"time": round(time.time(), 3), "continues": bool(append)}}
 
     def log(self, **row):
         if self.enabled:
+            if self._marker is not None:
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                _repair_torn_tail(self.path)
+                append_line(self.path, json.dumps(self._marker))
+                self._marker = None
             append_line(self.path, json.dumps(row))
 
 

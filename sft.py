@@ -53,7 +53,7 @@ from data import (ADD_TASK, DataError, check_format, heldout_problems, load_sft_
                   tokenizer_file)
 from evaluate import evaluate_problems
 from model import CheckpointError, NonFiniteError, count_params, load_config, load_model
-from runtime import (PRECISIONS, pick_device, resolve_precision, MetricsLog, autocast, chunked_cross_entropy, config_dict, grad_accum_steps, grad_sync,
+from runtime import (PRECISIONS, resolve_precision, MetricsLog, autocast, chunked_cross_entropy, config_dict, grad_accum_steps, grad_sync,
                      load_trainer_state, lr_at, make_optimizer, plot_curves, read_metrics, run_main,
                      check_heldout_size, check_out_dir, interruptible, read_train_config, auto_eval_interval,
                      auto_seq_len, auto_total_batch,
@@ -133,7 +133,6 @@ class SFTConfig:
                   f"{self.device_batch_size} * {self.seq_len}")
         check_choice(self, "device", ("auto", "cpu", "cuda"))
         check_choice(self, "precision", PRECISIONS)
-        self.precision = resolve_precision(pick_device(self.device), self.precision)  # recorded as run
         check_heldout_size("eval_problems", self.eval_problems, "val")
         check_out_dir(self.out_dir, [("init_from", self.init_from), *(("data", p) for p, _ in sources),
                                      ("val_data", self.val_data)], resume=self.resume, overwrite=self.overwrite)
@@ -442,6 +441,7 @@ def load_for_resume(cfg, model_cfg, data_stats, max_steps):
 def main(cfg):
     dist = setup_dist(cfg.device)
     device, master = dist.device, dist.master
+    cfg.precision = resolve_precision(device, cfg.precision)   # "auto" -> what runs, recorded as such
     torch.manual_seed(cfg.seed)
     say = (lambda msg: print(f"[sft] {msg}", file=sys.stderr)) if master else (lambda msg: None)
 

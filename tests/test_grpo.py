@@ -216,7 +216,8 @@ def run(world, out, *flags):
 
 
 def metrics(out):
-    return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    from runtime import read_metrics   # the last run's rows, run markers left out
+    return read_metrics(os.path.join(out, "metrics.jsonl"))
 
 
 def max_diff(a, b):

@@ -137,13 +137,18 @@ def test_every_preset_parses(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     presets = sorted(glob.glob(os.path.join(root, "config", "*.py")))
     assert len(presets) >= 4
-    here = [f"--data_dir={tmp_path}"]
+    inputs = tmp_path / "in"            # inputs and outputs apart: a stage never writes into its inputs
+    inputs.mkdir()
+    here = [f"--data_dir={inputs}"]
     for p in presets:
         keys = read_preset(p)
-        extra = [f"--{k}={tmp_path}" for k in ("init_from", "teacher") if keys.get(k, "scratch") not in ("", "scratch")]
+        extra = [f"--{k}={inputs}" for k in ("init_from", "teacher") if keys.get(k, "scratch") not in ("", "scratch")]
         parse_config(DistillConfig, [p, *here, *extra, f"--out_dir={tmp_path / 'out'}"])
-    nano = parse_config(DistillConfig, [os.path.join(root, "config", "nano_parent_cpu.py"), *here])
-    assert nano == replace(DistillConfig(device="cpu"), data_dir=str(tmp_path))  # the preset spells out the defaults
+    nano = parse_config(DistillConfig, [os.path.join(root, "config", "nano_parent_cpu.py"), *here,
+                                        f"--out_dir={tmp_path / 'parent'}"])
+    # the preset spells out the defaults
+    assert nano == replace(DistillConfig(device="cpu"), data_dir=str(inputs), out_dir=str(tmp_path / "parent"),
+                           eval_interval=nano.eval_interval)   # resolved from the run length
 
 
 def _tiny_checkpoint_parts(tmp_path):
