@@ -74,7 +74,7 @@ def fake_report_tree(root):
     from model import ModelConfig
     cfg = ModelConfig.llama(num_layers=1, vocab_size=64, hidden_size=16, num_attention_heads=2,
                             num_key_value_heads=1, intermediate_size=32, max_position_embeddings=32)
-    ev = {"accuracy": 0.5, "think_rate": 1.0, "by_k": {"3": 0.5}, "by_task": {"addmod10": 0.5}, "n": 6}
+    ev = {"accuracy": 0.5, "think_rate": 1.0, "by_k": {"3": 0.5}, "by_task": {"addmod10": 0.5, "count": 1.0}, "n_by_task": {"addmod10": 4, "count": 2}, "n": 6}
     for d in ("eval", "puzzle", "logs"):
         os.makedirs(f"{root}/{d}", exist_ok=True)
     for m in ("parent", "child", "sft", "grpo"):
