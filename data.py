@@ -1144,8 +1144,9 @@ class DataConfig:
     parent_copy_frac: float = 0.0    # share of pretraining tokens that are copy exercises (loss on
                                      # the second copy only); 0.25-0.6 did not make the parent copy in
                                      # 300 steps (README, "The nano world")
-    instruct_train: int = 40_000     # the parent's instruct rows (sft.py, loss on the answers only)
-    instruct_val: int = 1_000
+    instruct_train: int = 0          # > 0: also write instruct_train/val.jsonl, rows for an instruct
+    instruct_val: int = 0            # phase of the parent with sft.py (loss on the answers only); 150-250
+                                     # such steps after pretraining did not make the parent copy (README)
     rl_train: int = 4_000            # addmod10 prompts for GRPO
     rl_k_min: int = 6                # their chain lengths: rl_k_min..k_max. SFT solves k <= 5 every time
                                      # (pass rate >= 0.75: the prefilter drops them), so drawing from
@@ -1176,7 +1177,8 @@ class DataConfig:
         check_range(self, "vocab_size", 512)   # 256 byte tokens + 256 Llama 3 special tokens
         check_choice(self, "split_pattern", tuple(PATTERNS))
         check_choice(self, "parent_chat_loss", ("all", "answers"))
-        check_positive(self, "instruct_train", "instruct_val")
+        check_range(self, "instruct_train", 0)
+        check_range(self, "instruct_val", 0)
         check_positive(self, "tokenizer_chars", "pretrain_tokens", "pretrain_val_tokens", "rl_train",
                        "val_per_k", "test_per_k")
         check_range(self, "test_chat", 0)
@@ -1282,6 +1284,8 @@ def prepare(cfg):
                                                          "content": r["output"]}])[0]) for r in rows)
         sizes[name] = {"rows": len(rows), "tokens": n_tok}
     for name, n, split in (("instruct_train", cfg.instruct_train, "train"), ("instruct_val", cfg.instruct_val, "val")):
+        if not n:
+            continue
         rows = instruct_rows(n, split, cfg.seed, cfg.k_min, cfg.k_max)
         write_sft_jsonl(rows, os.path.join(out, f"{name}.jsonl"))
         sizes[name] = {"rows": len(rows)}

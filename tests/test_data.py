@@ -514,9 +514,13 @@ def test_prepare_small_world(tmp_path):
     cfg = parse_config(data.DataConfig, [
         f"--out_dir={tmp_path}", "--tokenizer_chars=300000", "--pretrain_tokens=20000",
         "--pretrain_val_tokens=3000", "--sft_train=200", "--sft_val=40", "--rl_train=50",
-        "--val_per_k=5", "--test_per_k=5", "--test_chat=20"])
+        "--val_per_k=5", "--test_per_k=5", "--test_chat=20", "--instruct_train=30", "--instruct_val=6"])
     sizes = data.prepare(cfg)
     tok = data.load_tokenizer(str(tmp_path))
+    # the instruct rows: SFT schema, direct answers ("off", no think block)
+    inst = data.load_sft_jsonl(str(tmp_path / "instruct_train.jsonl"), tokenizer=tok)
+    assert len(inst) == 30 and {e["reasoning"] for e in inst} == {"off"}
+    assert len(data.load_sft_jsonl(str(tmp_path / "instruct_val.jsonl"), tokenizer=tok)) == 6
     assert tok.n_vocab == 768
     train = data.load_token_shards(str(tmp_path / "pretrain_train"), n_vocab=tok.n_vocab)
     assert len(train) == sizes["pretrain_train"]["tokens"] >= 20000 and train.dtype == np.uint16
