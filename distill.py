@@ -65,9 +65,10 @@ class DistillConfig:
     lm_weight: float = 0.0               # LM loss weight when a teacher is set (Puzzle: 0)
     vocab_chunk: int = 4096              # tokens per chunk of the vocabulary-sized losses
     # optimisation
-    total_batch_size: int = 8192         # tokens per optimizer step (16 seqs x 256 x 2 micro-steps)
+    total_batch_size: int = 4096         # tokens per optimizer step (16 seqs x 256): many small steps form the
+                                         # copy circuit sooner (README, "The nano world")
     device_batch_size: int = 16          # sequences per micro-step per process
-    max_steps: int = 300                 # length of the run and of the LR schedule (~3 min here)
+    max_steps: int = 800                 # length of the run and of the LR schedule (3.3M tokens, ~6 min here)
     stop_after: int = 0                  # end this invocation after this many more steps (0 = run
                                          # to max_steps); continue later with --resume=True
     lr: float = 3e-3
