@@ -194,8 +194,11 @@ def loss_weights(cfg, teacher):
 
 
 def normalisers(n_tokens, n_lm_targets):
-    """KD terms are means over all positions; the LM term over the targets that are not a BOS."""
-    return {"kl": n_tokens, "cos": n_tokens, "lm": n_lm_targets}
+    """KD terms are means over all positions; the LM term over the targets that are not a BOS (and
+    that the loss mask keeps). A batch may hold no such target (the default world's conversations
+    and copy exercises carry loss on their answers only: two 32-token windows of prompts did, at
+    step 18 of a tiny run): its LM sum is 0 and so is its mean, not 0 / 0 = NaN."""
+    return {"kl": n_tokens, "cos": n_tokens, "lm": max(1, n_lm_targets)}
 
 
 def build_student(cfg, n_vocab):

@@ -274,3 +274,17 @@ def test_flops_per_token_for_mfu():
     n = 2 * per_layer + 64 + 1000 * 64               # layers + final norm + lm_head
     assert distill.estimate_flops_per_token(untied, 128) == 6 * n + 12 * 2 * 4 * 16 * 128
     assert distill.estimate_flops_per_token(tied, 128) == distill.estimate_flops_per_token(untied, 128)
+
+
+def test_a_step_without_loss_targets_is_zero_not_nan(data_dir, tmp_path):
+    """A batch whose targets the loss mask drops entirely (prompts of conversations, first copies)
+    has an LM mean of 0 and a zero gradient, not 0 / 0 = NaN (a tiny run diverged at step 18)."""
+    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"])
+    tok = load_tokenizer(data_dir)
+    train = load_token_shards(os.path.join(data_dir, "pretrain_train"), n_vocab=tok.n_vocab)
+    torch.manual_seed(0)
+    model = distill.build_student(cfg, tok.n_vocab)
+    none = np.zeros(len(train), dtype=bool)
+    logged = distill.step_gradients(model, None, train, 0, cfg, Dist(), 1, tok.bos_id, {}, {"lm": 1.0}, none)
+    assert float(logged["lm"]) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
