@@ -177,6 +177,12 @@ def subset_accuracy(ev, tasks):
     return (sum(ev["by_task"][t] * n[t] for t in tasks if n[t]) / total if total else 0.0), total
 
 
+def chain_models(r):
+    """The models evaluated on addition chains (speedrun.sh judges parent and child on the chat tasks
+    only, `sample.py --tasks=chat`: they have no accuracy by chain length)."""
+    return [m for m in MODELS if r["by_k"][m]["on"]]
+
+
 def plots(r, out):
     metrics = {m: _metrics(out, m) for m in MODELS}   # every log first: a missing one is named before any plot
     import matplotlib
@@ -184,7 +190,7 @@ def plots(r, out):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, mode in zip(axes, ("on", "off")):
-        for m in MODELS:
+        for m in chain_models(r):
             ks = sorted(r["by_k"][m][mode], key=int)
             ax.plot([int(k) for k in ks], [r["by_k"][m][mode][k] for k in ks], marker="o", label=m)
         ax.set_title(f"detailed thinking {mode}: accuracy by chain length")
@@ -277,10 +283,11 @@ def markdown(r):
               f"{pct(g['error_reduction'])}% of SFT's errors removed", "",
               "![accuracy by chain length](accuracy_by_k.png)", "", "![curves](curves.png)", "",
               "Accuracy by chain length (reasoning on):", "",
-              "| k | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
+              "| k | " + " | ".join(chain_models(r)) + " |", "|---|" + "---|" * len(chain_models(r))]
     ks = sorted(r["by_k"]["sft"]["on"], key=int)
     for k in ks:
-        lines.append(f"| {k} | " + " | ".join(pct(r["by_k"][m]["on"].get(k, float("nan"))) for m in MODELS) + " |")
+        lines.append(f"| {k} | " + " | ".join(pct(r["by_k"][m]["on"].get(k, float("nan"))) for m in chain_models(r))
+                     + " |")
     lines += ["", "## What the paper reports (on / off)", "",
               "| model | GPQA-Diamond | MATH500 | AIME25 |", "|---|---|---|---|"]
     lines += [f"| {k} | " + " | ".join(v.values()) + " |" for k, v in PAPER.items()]

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from configurator import (ConfigError, atomic_write, check, check_choice, check_positive, check_range,
                           check_readable, run_main)
-from data import DataError, heldout_problems, load_rl_jsonl, load_tokenizer, split_reasoning
+from data import ADD_TASK, DataError, heldout_problems, load_rl_jsonl, load_tokenizer, split_reasoning
 from evaluate import (bench_compare, bench_decode, bench_decode_many, evaluate_problems, format_breakdown,
                       generate_responses)
 from model import load_model
@@ -68,6 +68,10 @@ class SampleConfig:
     n: int | None = None               # problems: default 500 from the split, or every row of --problems
     problems: str = ""                 # a JSONL of {"prompt", "answer"} rows instead of the split
     split: str = "test"                # test | val
+    tasks: str = "all"                 # all | chat (the direct-answer tasks) | chains (addition chains):
+                                       # the same problems as --n of all, filtered, so a run judged on one
+                                       # kind skips the other (speedrun.sh: parent and child on chat,
+                                       # SFT and GRPO on chains, ~40% of the eval time)
     # --bench: throughput
     bench: bool = False
     prompt_len: int = 32               # prompt tokens per row
@@ -98,6 +102,9 @@ class SampleConfig:
         check(len(modes) <= 1, modes[-1] if modes else "eval", True,
               f"choose one of --eval, --bench, --prompts, --chat_repl (got {', '.join(modes)})")
         check(self.eval or not self.problems, "problems", self.problems, "needs --eval=True")
+        check_choice(self, "tasks", ("all", "chat", "chains"))
+        check(self.tasks == "all" or (self.eval and not self.problems), "tasks", self.tasks,
+              "filters the held-out split of --eval=True (not a --problems file)")
         check(not self.bench_compare or self.bench, "bench_compare", True, "needs --bench=True")
         check(not self.baseline or (self.bench and not self.bench_compare), "baseline", self.baseline,
               "needs --bench=True (and not --bench_compare)")
@@ -178,6 +185,9 @@ def run_eval(cfg, model, tok):
         except ValueError as e:
             raise ConfigError(f"--n={cfg.n}: {e}") from None
         source = f"the {cfg.split} split (seed {cfg.seed})"
+        if cfg.tasks != "all":
+            problems = [p for p in problems if (p["task"] == ADD_TASK) == (cfg.tasks == "chains")]
+            source += f", its {cfg.tasks} only"
     longest = max(len(tok.render_prompt(p["prompt"], cfg.reasoning)) for p in problems)
     n_new = new_tokens(cfg, model, longest, 128)
     print(f"[eval] {len(problems)} problems from {source}, reasoning {cfg.reasoning}, "

@@ -87,9 +87,12 @@ run_stage grpo    $PY grpo.py --seed=$SEED --device=$DEVICE --init_from=$OUT/sft
 # Evaluation: every model on the same held-out problems (test split, seed 1) in both modes, greedy;
 # decode throughput of child and parent, timed together.
 evaluate() {
+  # parent and child are instruct models, judged on the direct-answer tasks; SFT and GRPO on the chains
+  # (both modes: the better mode of an instruct model, on - off of the reasoning ones)
   for model in parent child sft grpo; do
+    case $model in parent|child) tasks=chat ;; *) tasks=chains ;; esac
     for mode in on off; do
-      $PY sample.py --ckpt=$OUT/$model --eval=True --reasoning=$mode --seed=1 $EVAL_ARGS \
+      $PY sample.py --ckpt=$OUT/$model --eval=True --reasoning=$mode --seed=1 --tasks=$tasks $EVAL_ARGS \
           --out=$OUT/eval/${model}_${mode}.json
     done
   done

@@ -221,7 +221,18 @@ def test_sample_eval_bench_prompts_and_errors(data_dir, tmp_path):
     lines = dict(line.split(": ") for line in r.stdout.strip().splitlines())
     assert set(lines) == {"accuracy", "think_rate"} and 0 <= float(lines["accuracy"]) <= 1
     assert "by task:" in r.stderr and "by chain length:" in r.stderr
-    assert json.load(open(tmp_path / "e.json"))["n"] == 12
+    full = json.load(open(tmp_path / "e.json"))
+    assert full["n"] == 12
+    # --tasks: the same 12 problems, filtered (5 chat, 7 chains), answered as in the full run
+    for tasks, want in (("chat", lambda t: t != "addmod10"), ("chains", lambda t: t == "addmod10")):
+        r = run_sample(f"--ckpt={ckpt}", "--eval=True", "--n=12", "--reasoning=off", "--compile=False",
+                       "--max_new_tokens=8", f"--tasks={tasks}", f"--out={tmp_path / (tasks + '.json')}")
+        assert r.returncode == 0, r.stderr
+        part = json.load(open(tmp_path / (tasks + ".json")))
+        assert part["n_by_task"] == {t: n for t, n in full["n_by_task"].items() if want(t)}
+        assert part["by_task"] == {t: a for t, a in full["by_task"].items() if want(t)}
+        assert part["by_k"] == (full["by_k"] if tasks == "chains" else {})
+    one_line_error(run_sample(f"--ckpt={ckpt}", "--eval=True", "--tasks=maths"), "--tasks=maths")
     r = run_sample(f"--ckpt={ckpt}", "--bench=True", "--batch_size=2", "--prompt_len=4", "--bench_tokens=5",
                    "--repeats=1", "--compile=False")
     assert r.returncode == 0, r.stderr
