@@ -1174,9 +1174,9 @@ class DataConfig:
     instruct_val: int = 0            # phase of the parent with sft.py (loss on the answers only); 150-250
                                      # such steps after pretraining did not make the parent copy (README)
     rl_train: int = 4_000            # addmod10 prompts for GRPO
-    rl_k_min: int = 6                # their chain lengths: rl_k_min..k_max. SFT solves k <= 5 every time
-                                     # (pass rate >= 0.75: the prefilter drops them), so drawing from
-                                     # k = 2 spent most of the prefilter's samples on prompts it drops
+    rl_k_min: int = 7                # their chain lengths: rl_k_min..k_max. SFT solves k <= 6 every time
+                                     # (pass@1 0.99 at k = 6: the prefilter drops them), so drawing from
+                                     # k <= 6 spent most of the prefilter's samples on prompts it drops
     val_per_k: int = 30              # unique val problems per k (k=3 has ~100 in each split)
     test_per_k: int = 50
     test_chat: int = 200

@@ -150,7 +150,8 @@ def collect(out):
     r["grpo"]["error_reduction"] = 1 - err(r["grpo"]["accuracy_on"]) / max(err(r["sft"]["accuracy_on"]), 1e-9)
     r["by_k"] = {m: {mode: evals[m][mode]["by_k"] for mode in ("on", "off")} for m in MODELS}
     r["by_task"] = {m: {mode: evals[m][mode]["by_task"] for mode in ("on", "off")} for m in MODELS}
-    r["n_problems"] = evals["parent"]["on"]["n"]
+    r["n_problems"] = r["parent"]["n_chat"] + r["sft"]["n_chains"]   # the problems judged (speedrun.sh
+    # evaluates each model on its kind only: sample.py --tasks)
     p, c = r["parent"], r["child"]
     think_ok = lambda m: r[m]["think_rate_on"] >= 0.995 and r[m]["think_rate_off"] <= 0.005
     r["checks"] = {
@@ -239,8 +240,9 @@ def markdown(r):
         "# nanoNemotron speedrun report", "",
         f"Device: {r['device']}. Wall time: {sec['total']} s "
         f"({', '.join(f'{k} {v} s' for k, v in sec.items() if k != 'total')}). "
-        f"Every accuracy: `sample.py --eval` on the same {r['n_problems']} held-out test problems "
-        f"({r['sft']['n_chains']} addition chains k = 3..8, {r['parent']['n_chat']} direct-answer chat tasks), greedy. "
+        f"Every accuracy: `sample.py --eval` on {r['n_problems']} held-out test problems "
+        f"({r['sft']['n_chains']} addition chains k = 3..8, {r['parent']['n_chat']} direct-answer chat tasks), greedy, "
+        "the same for every model. "
         "Parent and child are judged on the chat tasks (their better mode), SFT and GRPO on the chains.", "",
         "## Checks (the paper's claims at nano scale)", "",
         "| claim | holds |", "|---|---|"]

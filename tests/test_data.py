@@ -572,4 +572,4 @@ def test_prepare_small_world(tmp_path):
     chains = [r for r in rows if r["task"] == "addmod10"]
     assert {r["k"] for r in chains if r["k"] <= 6} == set(range(2, 7)) and len(chains) == 150
     assert sorted(r["k"] > 6 for r in chains).count(True) == 2 and max(r["k"] for r in chains) <= 8
-    assert {p["k"] for p in rl} == {6, 7, 8}   # RL: --rl_k_min=6..k_max
+    assert {p["k"] for p in rl} == {7, 8}   # RL: --rl_k_min=7..k_max

@@ -232,7 +232,7 @@ def test_sample_eval_bench_prompts_and_errors(data_dir, tmp_path):
         assert part["n_by_task"] == {t: n for t, n in full["n_by_task"].items() if want(t)}
         assert part["by_task"] == {t: a for t, a in full["by_task"].items() if want(t)}
         assert part["by_k"] == (full["by_k"] if tasks == "chains" else {})
-    one_line_error(run_sample(f"--ckpt={ckpt}", "--eval=True", "--tasks=maths"), "--tasks=maths")
+    one_line_error(run_sample(f"--ckpt={ckpt}", "--eval=True", "--tasks=maths"), "--tasks=", "maths", "chains")
     r = run_sample(f"--ckpt={ckpt}", "--bench=True", "--batch_size=2", "--prompt_len=4", "--bench_tokens=5",
                    "--repeats=1", "--compile=False")
     assert r.returncode == 0, r.stderr
