@@ -203,7 +203,8 @@ def world(tmp_path_factory):
 
 TINY = ["--prompts_per_step=8", "--group_size=4", "--gen_groups=2", "--prefilter_samples=4", "--max_new_tokens=4",
         "--device_batch_size=5", "--updates_per_rollout=2", "--lr=1e-2", "--warmup_steps=0", "--eval_problems=6",
-        "--eval_max_new_tokens=6", "--compile=False", "--device=cpu", "--seed=3"]
+        "--eval_max_new_tokens=6", "--compile=False", "--device=cpu", "--seed=3",
+        "--pool_size=0"]   # a pool of prompts_per_step x max_steps: each kept prompt drawn about once
 
 
 def args(world, out, *flags):
