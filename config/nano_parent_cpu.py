@@ -1,4 +1,5 @@
-# The nano parent of the CPU recipe (distill.py's defaults, spelled out): a 1.4M-parameter Llama,
+# The nano parent of the CPU recipe (distill.py's defaults, spelled out, but for 256-token windows: the
+# defaults would take the longest document rounded up, 512): a 1.4M-parameter Llama,
 # 6 layers, hidden 128, 4 query / 2 KV heads, SwiGLU 384, on the built-in corpus from data.py.
 #   python distill.py config/nano_parent_cpu.py
 out_dir = "out/parent"
