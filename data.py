@@ -522,13 +522,18 @@ def chat_problem(task, args):
     if not words or any(not w or w.split() != [w] for w in words):
         raise ValueError(f"{task}: need a list of single words, got {args!r}")
     s = " ".join(words)
+    # The answers of echo and last restate the words after a word and a colon, as the prompt has
+    # them: with Llama 3's pre-tokenisation ` milk` is one token after a space but `m` `il` `k` at
+    # the start of a line, so a bare answer "milk snow" would spell its first word in other tokens
+    # than the prompt's. This way every answer token is a prompt token, and echoing is one chain of
+    # induction-head steps (after `:` comes ` milk`, after ` milk` comes ` snow`, ...).
     if task == "echo":
-        prompt, answer, trace = f"Repeat: {s}", s, f"copy: {s}"
+        prompt, answer, trace = f"Repeat: {s}", f"You said: {s}", f"copy: {s}"
     elif task == "count":
         prompt, answer = f"Count the words: {s}", str(len(words))
         trace = "\n".join(f"{w} {i + 1}" for i, w in enumerate(words))
     elif task == "last":
-        prompt, answer, trace = f"Last word: {s}", words[-1], f"{s}\nlast: {words[-1]}"
+        prompt, answer, trace = f"Last word: {s}", f"The last word is {words[-1]}", f"{s}\nlast: {words[-1]}"
     elif task == "list":
         prompt, answer = f"Make a list: {s}", "\n".join(f"- {w}" for w in words)
         trace = f"{len(words)} items"
@@ -722,7 +727,9 @@ def _copy_segments(rng, split):
     written twice; the loss falls on the second copy only (build_copy_documents). The second copy is
     predictable only by finding the first and reading on, what an induction head does. A span of 1-5
     distinct words states the answer of an echo problem, so it is redrawn until that problem is in
-    `split`; a span of digits joined by "+" is a chain's operands, redrawn until the chain is."""
+    `split`; a span of digits joined by "+" is a chain's operands, redrawn until the chain is.
+    One word span in five is copied as a list (`- word` lines), the list task's two-hop copy: with
+    plain copies only, the parent answered list 16% while echo reached 71% (README)."""
     segs = []
     for i in range(rng.randint(3, 6)):
         if rng.random() < 0.7:
@@ -736,7 +743,19 @@ def _copy_segments(rng, split):
             while not _states_only(split, [addmod_problem(digits)]):
                 digits = [rng.randrange(10) for _ in range(rng.randint(3, 12))]
             span = rng.choice(("+", " ")).join(map(str, digits))
-        name, style = rng.choice(NAMES), rng.randrange(4)
+        name, style = rng.choice(NAMES), rng.randrange(5)
+        if style == 4 and " " in span and not span[0].isdigit():
+            # the second copy as a list, one "- word" line each: after "\n-" the next word is the
+            # one after the previous item in the first copy, two tokens back (a two-hop lookup, what
+            # the list task needs); a list of 1-5 distinct words is a list problem's answer
+            words = rng.sample(WORDS, rng.randint(2, 6))   # distinct, as in the list task
+            while not _states_only(split, [chat_problem(t, words) for t in ("echo", "list")]):
+                words = rng.sample(WORDS, rng.randint(2, 6))
+            span = " ".join(words)
+            segs += [(("\n" if i else "") + f"{name} listed: {span}\n", False),
+                     ("\n".join(f"- {w}" for w in words), True)]
+            continue
+        style %= 4
         lead, mid, tail = {0: (f"{name} wrote: ", "; and again: ", "."), 1: ("", " | ", ""),
                            2: ("Copy: ", "\n", ""), 3: ("", "\nAgain: ", "")}[style]
         segs += [(("\n" if i else "") + lead + span + mid, False), (span, True), (tail, False)]
@@ -1133,17 +1152,22 @@ class DataConfig:
     eval_k_min: int = 3              # val/test chains; k=2 is only 100 problems, all in pretraining
     sft_k_max: int = 6               # SFT chains stop here: k = 7..8 are left to RL (the paper
                                      # leaves its hardest problems to the RL stage)
+    sft_long_frac: float = 0.03      # a few SFT chains past sft_k_max (k = 7..8): without them SFT
+                                     # solved k = 7 / 8 in 10 / 5% of greedy tries and GRPO's groups
+                                     # held no success (15 of 16 skipped); RL gains where the
+                                     # starting policy succeeds sometimes (README, "The nano world")
     sft_train: int = 20_000          # SFT rows; each prompt appears in "on" and "off" mode
     sft_val: int = 1_000
     chat_frac: float = 0.25          # share of chat-style prompts in SFT
-    parent_chat_frac: float = 0.3    # share of pretraining tokens that are chat conversations
-                                     # answered directly (what makes the parent an instruct model);
-                                     # the loss falls on their answers only
-    parent_chat_loss: str = "all"    # all: the conversations' every token carries loss | answers:
-                                     # only their answers (the chat template's mask)
-    parent_copy_frac: float = 0.0    # share of pretraining tokens that are copy exercises (loss on
-                                     # the second copy only); 0.25-0.6 did not make the parent copy in
-                                     # 300 steps (README, "The nano world")
+    parent_chat_frac: float = 0.4    # share of pretraining tokens that are chat conversations
+                                     # answered directly (what makes the parent an instruct model)
+    parent_chat_loss: str = "answers"  # answers: the loss falls on the conversations' answers only
+                                     # (the chat template's mask) | all: on every token
+    parent_copy_frac: float = 0.45   # share of pretraining tokens that are copy exercises (loss on
+                                     # the second copy only). With 0 (and loss on every token) the
+                                     # parent answered echo / last / list 0 / 0 / 0 % after 300 x 8k
+                                     # tokens; with 0.45 and answer-only chat loss, 600 x 4k tokens:
+                                     # 34 / 100 / 14 % (README, "The nano world")
     instruct_train: int = 0          # > 0: also write instruct_train/val.jsonl, rows for an instruct
     instruct_val: int = 0            # phase of the parent with sft.py (loss on the answers only); 150-250
                                      # such steps after pretraining did not make the parent copy (README)
@@ -1197,6 +1221,7 @@ class DataConfig:
         check_range(self, "chat_frac", 0, 1)
         check_range(self, "parent_chat_frac", 0, 1, hi_open=True)  # 1 would leave no room for text
         check_range(self, "parent_copy_frac", 0, 1, hi_open=True)
+        check_range(self, "sft_long_frac", 0, 1)
         check(self.parent_chat_frac + self.parent_copy_frac < 1, "parent_copy_frac", self.parent_copy_frac,
               f"+ --parent_chat_frac={self.parent_chat_frac} must leave room for text (sum < 1)")
         for split, flag in (("val", "val_per_k"), ("test", "test_per_k")):
@@ -1212,7 +1237,9 @@ class DataConfig:
 def _sft_rows(n, split, seed, cfg):
     n_prompts = n // 2
     n_chat = round(n_prompts * cfg.chat_frac)
-    probs = (generate_problems(ADD_TASK, split, n_prompts - n_chat, seed, cfg.k_min, cfg.sft_k_max)
+    n_long = round((n_prompts - n_chat) * cfg.sft_long_frac) if cfg.sft_k_max < cfg.k_max else 0
+    probs = (generate_problems(ADD_TASK, split, n_prompts - n_chat - n_long, seed, cfg.k_min, cfg.sft_k_max)
+             + generate_problems(ADD_TASK, split, n_long, seed, cfg.sft_k_max + 1, cfg.k_max)
              + generate_problems("chat", split, n_chat, seed))
     rows = [sft_example(p, mode) for p in probs for mode in ("on", "off")]
     random.Random(seed).shuffle(rows)

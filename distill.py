@@ -49,7 +49,7 @@ class DistillConfig:
     val_data: str = "pretrain_val"
     seq_len: int = 0                     # window length; 0 = the longest document rounded up to a power
                                          # of two >= 256, at most the student's and teacher's context and
-                                         # total_batch_size / device_batch_size (512 by default)
+                                         # total_batch_size / device_batch_size (256 by default)
     # student: "scratch" builds a Llama from the sizes below; else a checkpoint folder
     init_from: str = "scratch"
     n_layer: int = 6
@@ -69,10 +69,11 @@ class DistillConfig:
     vocab_chunk: int = 0                 # tokens per chunk of the vocabulary-sized losses; 0 = 4096, fewer
                                          # for a large vocabulary (runtime.logits_chunk: <= 256 MiB of logits)
     # optimisation
-    total_batch_size: int = 0            # tokens per optimizer step; 0 = ~8192 (16 seqs x 512, or 16 x 256 x 2
-                                         # micro-steps) in whole micro-steps (runtime.auto_total_batch)
+    total_batch_size: int = 0            # tokens per optimizer step; 0 = ~4096 (16 seqs x 256) in whole
+                                         # micro-steps (runtime.auto_total_batch): many small steps form the
+                                         # copy circuit sooner (README, "The nano world")
     device_batch_size: int = 16          # sequences per micro-step per process
-    max_steps: int = 300                 # length of the run and of the LR schedule (~3 min here)
+    max_steps: int = 800                 # length of the run and of the LR schedule (3.3M tokens, ~6 min here)
     stop_after: int = 0                  # end this invocation after this many more steps (0 = run
                                          # to max_steps); continue later with --resume=True
     lr: float = 3e-3
@@ -147,7 +148,7 @@ def check_batch(cfg):
           f"{cfg.device_batch_size} * {cfg.seq_len} = {cfg.device_batch_size * cfg.seq_len}")
 
 
-DEFAULT_BATCH_TOKENS = 8192
+DEFAULT_BATCH_TOKENS = 4096
 
 
 def longest_document(data, bos_id, cap, block=1 << 24):
@@ -165,7 +166,7 @@ def longest_document(data, bos_id, cap, block=1 << 24):
 def resolve_lengths(cfg, train, bos_id, contexts, world_size):
     """--seq_len=0 and --total_batch_size=0: windows as long as the documents need, never longer
     than a model's context (a 131,072-token Llama 3 context does not make 131,072-token windows)
-    nor than a micro-step's share of the batch; a batch of ~8192 tokens in whole micro-steps.
+    nor than a micro-step's share of the batch; a batch of ~4096 tokens in whole micro-steps.
     Resolved into cfg, so train_config.json records what ran."""
     if not cfg.seq_len:
         cap = min(contexts + [(cfg.total_batch_size or DEFAULT_BATCH_TOKENS) // cfg.device_batch_size])

@@ -31,3 +31,23 @@ import kernels  # noqa: E402  (must follow the environment setup above)
 
 kernels.CPU_BACKEND = "torch"
 kernels.AUTOTUNE = False
+
+
+def _transformers_without_hub_kernels():
+    """transformers >= 5.25 depends on Hugging Face's `kernels` package (kernels downloaded from
+    the Hub) and imports it by that name when it loads a model, which finds this repository's
+    kernels.py (already imported above) and fails with `cannot import name 'CUDAProperties' from
+    'kernels'`. The tests compare against transformers' plain PyTorch Llama and never ask for hub
+    kernels, so transformers is told they are absent (USE_HUB_KERNELS=NO: from_pretrained would
+    otherwise default to use_kernels=True). Imports only transformers.utils (~0.3 s)."""
+    os.environ["USE_HUB_KERNELS"] = "NO"
+    try:
+        import transformers.utils as utils
+        import transformers.utils.import_utils as import_utils
+    except ImportError:  # transformers is a test-only dependency: its tests skip
+        return
+    absent = lambda *args, **kwargs: False  # noqa: E731
+    utils.is_kernels_available = import_utils.is_kernels_available = absent
+
+
+_transformers_without_hub_kernels()

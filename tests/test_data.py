@@ -389,9 +389,41 @@ def test_copy_documents_mask_only_the_second_copies(small_tok):
         whole = tok.decode(ids)
         for r in runs:
             span = tok.decode(r)
-            assert whole.count(span) >= 2, span     # each target span was written before
+            if span.startswith("- "):                    # copied as a list: its words were a span
+                words = [w[2:] for w in span.split("\n")]
+                assert all(w.startswith("- ") for w in span.split("\n")), span
+                assert f"listed: {' '.join(words)}\n" in whole, span
+            else:
+                assert whole.count(span) >= 2, span     # each target span was written before
     a = data.build_copy_documents(tok, 5, seed=3, split="train")
     assert a == docs[:5]                               # deterministic in (seed, split)
+
+
+def _contains(seq, sub):
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+@pytest.mark.parametrize("which", ["small", "llama3"])
+def test_copy_answers_reuse_the_prompt_tokens(which, small_tok):
+    """Echo and last answer with the words after a word and a colon, as the prompt has them, so
+    each copied word is the very token sequence of the prompt (a bare answer starts a line, where
+    Llama 3's pre-tokenisation spells a word in other pieces: `duck` -> `d` `uck`, ` duck` is one)."""
+    if which == "llama3":
+        if not os.path.exists(LLAMA3):
+            pytest.skip("Llama 3 tokenizer asset absent")
+        tok = data.load_tokenizer(LLAMA3)
+    else:
+        tok = small_tok[0]
+    for task in ("echo", "last"):
+        for p in data.generate_problems(task, "train", 30, seed=5):
+            words = p["args"] if task == "echo" else p["args"][-1:]
+            copied = tok.encode(" " + " ".join(words))
+            assert p["answer"].endswith(" " + " ".join(words))
+            assert _contains(tok.encode(p["prompt"]), copied), p
+            assert tok.encode(p["answer"])[-len(copied):] == copied, p
+            assert data.verify(p, p["answer"]) and not data.verify(p, " ".join(words) + " x")
+    # the bare word at a line start is other tokens than after a space (why the answers have a lead)
+    assert tok.encode("\n\nduck")[1:] != tok.encode(" duck") or which == "small"
 
 
 # ---------------------------------------------------------------------------- JSONL
@@ -534,7 +566,10 @@ def test_prepare_small_world(tmp_path):
     assert len(rl) == 50 and len(test) == 6 * 5 + 20 and len(val) == 6 * 5 + 20
     assert {p["prompt"] for p in test}.isdisjoint(p["prompt"] for p in rl + val)
     assert {p["k"] for p in test if p["task"] == "addmod10"} == set(range(3, 9))
-    # SFT chains stop at --sft_k_max=6; RL prompts (and the test) go on to k_max=8
+    # SFT chains stop at --sft_k_max=6 but for --sft_long_frac=3% of them (k = 7..8: 2 of 75 chain
+    # prompts, each in both modes); RL prompts (and the test) go on to k_max=8
     rows = [json.loads(line) for line in open(tmp_path / "sft_train.jsonl")]
-    sft_k = {r["k"] for r in rows if r["task"] == "addmod10"}
-    assert sft_k == set(range(2, 7)) and {p["k"] for p in rl} == {6, 7, 8}   # RL: --rl_k_min=6..k_max
+    chains = [r for r in rows if r["task"] == "addmod10"]
+    assert {r["k"] for r in chains if r["k"] <= 6} == set(range(2, 7)) and len(chains) == 150
+    assert sorted(r["k"] > 6 for r in chains).count(True) == 4 and max(r["k"] for r in chains) <= 8
+    assert {p["k"] for p in rl} == {6, 7, 8}   # RL: --rl_k_min=6..k_max

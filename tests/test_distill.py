@@ -127,9 +127,10 @@ def test_kd_moves_student_toward_teacher(data_dir, tmp_path):
         distill.parse_layer_map("0:2", 3, 2)
 
 
-def test_kd_terms_of_a_step_match_direct_computation(data_dir):
+def test_kd_terms_of_a_step_match_direct_computation(data_dir, tmp_path):
     """loss_sums + normalisers against the formulas written out on full logits."""
-    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--lm_weight=0.5", "--kd_temperature=2.0"])
+    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}",
+                                                      "--lm_weight=0.5", "--kd_temperature=2.0"])
     torch.manual_seed(0)
     student, teacher = distill.build_student(cfg, 768), distill.build_student(cfg, 768)
     x = torch.randint(0, 768, (2, 9))
@@ -159,14 +160,16 @@ def test_windows_never_target_the_next_documents_bos():
     assert pos.tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 0, 1, 2, 0]]
 
 
-def _direct_step_loss(model, train, offsets, seq_len, bos):
+def _direct_step_loss(model, train, offsets, seq_len, bos, mask=None):
     """The mean next-token loss over a step's windows in one pass, written out without
-    distill.windows: targets that are a BOS do not count."""
+    distill.windows: targets that are a BOS, or that the shards' loss mask drops, do not count."""
     buf = torch.from_numpy(np.stack([np.asarray(train[o:o + seq_len + 1], dtype=np.int64) for o in offsets]))
     x, y = buf[:, :-1], buf[:, 1:]
     doc, pos = doc_ids_and_positions(x, bos)
     logits = model(x, doc, pos)
     keep = y != bos
+    if mask is not None:
+        keep &= torch.from_numpy(np.stack([np.asarray(mask[o + 1:o + seq_len + 1], dtype=bool) for o in offsets]))
     return F.cross_entropy(logits[keep], y[keep], reduction="sum") / keep.sum()
 
 
@@ -175,7 +178,8 @@ def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir, tmp_pat
     16 windows of the step (AdamW and clipping would hide a factor such as the number of
     micro-steps, so the gradient itself is compared); and 2 processes x 2 micro-steps, averaged as
     DDP does, give the same gradient."""
-    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--total_batch_size=512"])
+    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}",
+                                                      "--total_batch_size=512"])
     tok = load_tokenizer(data_dir)
     train = load_token_shards(os.path.join(data_dir, "pretrain_train"), n_vocab=tok.n_vocab)
     torch.manual_seed(0)
@@ -202,8 +206,8 @@ def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir, tmp_pat
     for a, b, r in zip(g0, g1, ref):
         assert torch.allclose((a + b) / 2, r, rtol=1e-4, atol=1e-7)
     # KD: KL and cosine terms are means over all positions of the global batch
-    kd = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--total_batch_size=512",
-                                                     "--kd_weight=0.7", "--cosine_weight=0.3"])
+    kd = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'k'}",
+                                                     "--total_batch_size=512", "--kd_weight=0.7", "--cosine_weight=0.3"])
     torch.manual_seed(1)
     teacher = distill.build_student(kd, tok.n_vocab).requires_grad_(False)
     x, y, doc, pos = distill.windows(train, offsets, kd.seq_len, tok.bos_id, "cpu")
@@ -223,7 +227,9 @@ def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir, tmp_pat
     torch.manual_seed(cfg.seed)   # the weights distill.py started from
     init = distill.build_student(cfg, tok.n_vocab)
     offsets = distill.step_offsets(len(train), cfg.seed, 0, 512 // cfg.seq_len, cfg.seq_len)
-    loss0 = _direct_step_loss(init, train, offsets, cfg.seq_len, tok.bos_id)
+    _, train_mask = load_token_shards(os.path.join(data_dir, "pretrain_train"), n_vocab=tok.n_vocab, with_mask=True)
+    assert not np.asarray(train_mask).all()   # the parent's conversations carry loss on their answers only
+    loss0 = _direct_step_loss(init, train, offsets, cfg.seq_len, tok.bos_id, train_mask)
     g = torch.autograd.grad(loss0, list(init.parameters()))
     assert row["train_lm"] == pytest.approx(float(loss0.detach()), rel=1e-5)
     assert row["grad_norm"] == pytest.approx(float(torch.sqrt(sum((x ** 2).sum() for x in g))), rel=1e-4)
