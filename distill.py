@@ -112,6 +112,10 @@ class DistillConfig:
               f"gives an odd head_dim {self.n_embd // self.n_head} (RoPE rotates pairs of dimensions)")
         if self.seq_len and self.total_batch_size:
             check_batch(self)
+        elif self.total_batch_size:   # --seq_len=0: rows of at most total_batch_size / device_batch_size tokens
+            check(self.total_batch_size >= 8 * self.device_batch_size, "total_batch_size", self.total_batch_size,
+                  f"leaves fewer than 8 tokens for each of the --device_batch_size={self.device_batch_size} rows "
+                  f"of a micro-step (--seq_len=0 makes rows of at most total_batch_size / device_batch_size)")
         if self.eval_interval is None:   # evaluations scale with the run (recorded in train_config.json)
             self.eval_interval = auto_eval_interval(self.max_steps) or 0
         for name in ("kd_weight", "cosine_weight", "lm_weight", "weight_decay", "warmup_steps", "stop_after",
@@ -142,10 +146,14 @@ class DistillConfig:
                       resume=self.resume, overwrite=self.overwrite)
 
 
-def check_batch(cfg):
+def check_batch(cfg, resolved=False):
+    """resolved: seq_len came from --seq_len=0, so the message says where it came from (a user who
+    never set it would otherwise read of a seq_len of 256)."""
+    how = (f" (--seq_len=0 resolved to {cfg.seq_len}: the longest document rounded up to a power of two, at "
+           f"most the models' contexts and total_batch_size / device_batch_size; set --seq_len)" if resolved else "")
     check(cfg.total_batch_size % (cfg.device_batch_size * cfg.seq_len) == 0, "total_batch_size",
           cfg.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
-          f"{cfg.device_batch_size} * {cfg.seq_len} = {cfg.device_batch_size * cfg.seq_len}")
+          f"{cfg.device_batch_size} * {cfg.seq_len} = {cfg.device_batch_size * cfg.seq_len}{how}")
 
 
 DEFAULT_BATCH_TOKENS = 4096
@@ -168,12 +176,13 @@ def resolve_lengths(cfg, train, bos_id, contexts, world_size):
     than a model's context (a 131,072-token Llama 3 context does not make 131,072-token windows)
     nor than a micro-step's share of the batch; a batch of ~4096 tokens in whole micro-steps.
     Resolved into cfg, so train_config.json records what ran."""
-    if not cfg.seq_len:
+    resolved = not cfg.seq_len
+    if resolved:
         cap = min(contexts + [(cfg.total_batch_size or DEFAULT_BATCH_TOKENS) // cfg.device_batch_size])
         cfg.seq_len = auto_seq_len(cap, longest_document(train, bos_id, max(1, cap)))
     if not cfg.total_batch_size:
         cfg.total_batch_size = auto_total_batch(DEFAULT_BATCH_TOKENS, cfg.device_batch_size, cfg.seq_len, world_size)
-    check_batch(cfg)
+    check_batch(cfg, resolved)
 
 
 def data_fingerprint(data):
