@@ -37,7 +37,8 @@ from model import ModelConfig, NonFiniteError, Transformer, count_params, load_c
 from runtime import (PRECISIONS, resolve_precision, ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
                      config_dict, grad_accum_steps, grad_sync, load_trainer_state, lr_at, make_optimizer,
                      plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, step_offsets,
-                     teardown_dist, windows, auto_eval_interval, check_out_dir, interruptible, read_train_config)
+                     teardown_dist, windows, auto_eval_interval, auto_seq_len, auto_total_batch, check_out_dir,
+                     interruptible, read_train_config)
 
 
 @dataclass
@@ -46,7 +47,9 @@ class DistillConfig:
     data_dir: str = "out/data"
     train_data: str = "pretrain_train"   # token shard folder, relative to data_dir or absolute
     val_data: str = "pretrain_val"
-    seq_len: int = 256
+    seq_len: int = 0                     # window length; 0 = the longest document rounded up to a power
+                                         # of two >= 256, at most the student's and teacher's context and
+                                         # total_batch_size / device_batch_size (256 by default)
     # student: "scratch" builds a Llama from the sizes below; else a checkpoint folder
     init_from: str = "scratch"
     n_layer: int = 6
@@ -63,9 +66,11 @@ class DistillConfig:
     cosine_weight: float = 1.0           # per-layer hidden-state cosine loss (Puzzle's global KD)
     layer_map: str = "auto"              # "auto" (proportional) or "s:t,s:t,..." student->teacher
     lm_weight: float = 0.0               # LM loss weight when a teacher is set (Puzzle: 0)
-    vocab_chunk: int = 4096              # tokens per chunk of the vocabulary-sized losses
+    vocab_chunk: int = 0                 # tokens per chunk of the vocabulary-sized losses; 0 = 4096, fewer
+                                         # for a large vocabulary (runtime.logits_chunk: <= 256 MiB of logits)
     # optimisation
-    total_batch_size: int = 4096         # tokens per optimizer step (16 seqs x 256): many small steps form the
+    total_batch_size: int = 0            # tokens per optimizer step; 0 = ~4096 (16 seqs x 256) in whole
+                                         # micro-steps (runtime.auto_total_batch): many small steps form the
                                          # copy circuit sooner (README, "The nano world")
     device_batch_size: int = 16          # sequences per micro-step per process
     max_steps: int = 800                 # length of the run and of the LR schedule (3.3M tokens, ~6 min here)
@@ -94,18 +99,23 @@ class DistillConfig:
     def validate(self):
         """Every flag, before any work: types are checked by the parser, ranges and relations here."""
         check_readable(self.data_dir, "data_dir", "dir")
-        check_positive(self, "seq_len", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "rope_theta",
-                       "kd_temperature", "vocab_chunk", "total_batch_size", "device_batch_size", "max_steps",
-                       "lr", "grad_clip", "eval_batches", "log_interval")
+        check_positive(self, "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "rope_theta",
+                       "kd_temperature", "device_batch_size", "max_steps", "lr", "grad_clip", "eval_batches",
+                       "log_interval")
+        for name in ("seq_len", "total_batch_size", "vocab_chunk"):   # 0: resolved in main (train_config.json)
+            check_range(self, name, 0)
         check(self.n_embd % self.n_head == 0, "n_head", self.n_head,
               f"must divide --n_embd={self.n_embd} (head_dim = n_embd / n_head)")
         check(self.n_head % self.n_kv_head == 0, "n_kv_head", self.n_kv_head,
               f"must divide --n_head={self.n_head} (each KV head serves a group of query heads)")
         check((self.n_embd // self.n_head) % 2 == 0, "n_head", self.n_head,
               f"gives an odd head_dim {self.n_embd // self.n_head} (RoPE rotates pairs of dimensions)")
-        check(self.total_batch_size % (self.device_batch_size * self.seq_len) == 0, "total_batch_size",
-              self.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
-              f"{self.device_batch_size} * {self.seq_len} = {self.device_batch_size * self.seq_len}")
+        if self.seq_len and self.total_batch_size:
+            check_batch(self)
+        elif self.total_batch_size:   # --seq_len=0: rows of at most total_batch_size / device_batch_size tokens
+            check(self.total_batch_size >= 8 * self.device_batch_size, "total_batch_size", self.total_batch_size,
+                  f"leaves fewer than 8 tokens for each of the --device_batch_size={self.device_batch_size} rows "
+                  f"of a micro-step (--seq_len=0 makes rows of at most total_batch_size / device_batch_size)")
         if self.eval_interval is None:   # evaluations scale with the run (recorded in train_config.json)
             self.eval_interval = auto_eval_interval(self.max_steps) or 0
         for name in ("kd_weight", "cosine_weight", "lm_weight", "weight_decay", "warmup_steps", "stop_after",
@@ -134,6 +144,45 @@ class DistillConfig:
                                      ("data_dir", self.data_dir), ("train_data", path(self.train_data)),
                                      ("val_data", path(self.val_data))],
                       resume=self.resume, overwrite=self.overwrite)
+
+
+def check_batch(cfg, resolved=False):
+    """resolved: seq_len came from --seq_len=0, so the message says where it came from (a user who
+    never set it would otherwise read of a seq_len of 256)."""
+    how = (f" (--seq_len=0 resolved to {cfg.seq_len}: the longest document rounded up to a power of two, at "
+           f"most the models' contexts and total_batch_size / device_batch_size; set --seq_len)" if resolved else "")
+    check(cfg.total_batch_size % (cfg.device_batch_size * cfg.seq_len) == 0, "total_batch_size",
+          cfg.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
+          f"{cfg.device_batch_size} * {cfg.seq_len} = {cfg.device_batch_size * cfg.seq_len}{how}")
+
+
+DEFAULT_BATCH_TOKENS = 4096
+
+
+def longest_document(data, bos_id, cap, block=1 << 24):
+    """Length of the longest document (BOS to BOS) of a token stream, or `cap` as soon as one
+    reaches it: read in blocks, so a large memmapped corpus is not loaded whole."""
+    longest, start = 0, 0
+    for a in range(0, len(data), block):
+        for p in np.flatnonzero(np.asarray(data[a:a + block]) == bos_id) + a:
+            longest, start = max(longest, int(p) - start), int(p)
+        if max(longest, min(len(data), a + block) - start) >= cap:
+            return cap
+    return max(longest, len(data) - start)
+
+
+def resolve_lengths(cfg, train, bos_id, contexts, world_size):
+    """--seq_len=0 and --total_batch_size=0: windows as long as the documents need, never longer
+    than a model's context (a 131,072-token Llama 3 context does not make 131,072-token windows)
+    nor than a micro-step's share of the batch; a batch of ~4096 tokens in whole micro-steps.
+    Resolved into cfg, so train_config.json records what ran."""
+    resolved = not cfg.seq_len
+    if resolved:
+        cap = min(contexts + [(cfg.total_batch_size or DEFAULT_BATCH_TOKENS) // cfg.device_batch_size])
+        cfg.seq_len = auto_seq_len(cap, longest_document(train, bos_id, max(1, cap)))
+    if not cfg.total_batch_size:
+        cfg.total_batch_size = auto_total_batch(DEFAULT_BATCH_TOKENS, cfg.device_batch_size, cfg.seq_len, world_size)
+    check_batch(cfg, resolved)
 
 
 def data_fingerprint(data):
@@ -339,6 +388,8 @@ def main(cfg):
     tok = load_tokenizer(cfg.data_dir)
     train, train_mask = load_token_shards(path(cfg.train_data), n_vocab=tok.n_vocab, with_mask=True)
     val, val_mask = load_token_shards(path(cfg.val_data), n_vocab=tok.n_vocab, with_mask=True)
+    contexts = [load_config(p).max_position_embeddings for p in (cfg.init_from, cfg.teacher) if p and p != "scratch"]
+    resolve_lengths(cfg, train, tok.bos_id, contexts, dist.world_size)
     for name, arr in ((cfg.train_data, train), (cfg.val_data, val)):
         if len(arr) < cfg.seq_len + 2:
             raise ConfigError(f"{path(name)} holds {len(arr)} tokens, fewer than one window of --seq_len={cfg.seq_len}")

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
@@ -69,9 +70,9 @@ from data import (ADD_TASK, DataError, check_format, heldout_problems, load_rl_j
                   tokenizer_file, verify)
 from evaluate import evaluate_problems
 from model import NonFiniteError, count_params, load_config, load_model
-from runtime import (atomic_write, check_heldout_size, check_out_dir, interruptible, read_train_config,
+from runtime import (LOGITS_CHUNK_ELEMENTS, atomic_write, check_heldout_size, check_out_dir, interruptible, read_train_config,
                      MetricsLog, load_trainer_state, lr_at, make_optimizer, pick_device, plot_curves, read_metrics,
-                     run_main, save_checkpoint, setup_dist, teardown_dist)
+                     run_main, save_checkpoint, setup_dist, teardown_dist, auto_eval_interval)
 
 
 @dataclass
@@ -122,7 +123,8 @@ class GRPOConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # evaluation: held-out "val" problems in both modes, greedy
-    eval_interval: int = 0                  # every N steps (and at start and end); 0 = start and end only
+    eval_interval: int | None = None        # every N steps (and at start and end); 0 or None = start and end
+                                            # only; None: none at all for runs of 1-2 steps
     eval_problems: int = 120                # 0 = no generation eval
     eval_max_new_tokens: int = 128
     # runtime
@@ -148,6 +150,9 @@ class GRPOConfig:
                        "device_batch_size", "updates_per_rollout", "max_steps", "grad_clip", "eval_max_new_tokens",
                        "log_interval", "adv_eps", "curriculum_sigma")
         check_range(self, "group_size", 2)  # one sample has no group to be compared with
+        if self.eval_interval is None:   # evaluations scale with the run (recorded in train_config.json)
+            self.eval_interval = 0
+            self.eval_problems = self.eval_problems if auto_eval_interval(self.max_steps) else 0
         for name in ("prefilter_samples", "pool_size", "stop_after", "warmup_steps", "eval_interval",
                      "eval_problems", "ckpt_interval", "kl_weight", "format_weight", "weight_decay"):
             check_range(self, name, 0)
@@ -240,16 +245,32 @@ def token_level_loss(per_token, mask, n_tokens):
     return (per_token * mask).sum() / n_tokens
 
 
-def sequence_logprobs(model, x, y, n_vocab, temperature=1.0, entropy=False):
-    """log pi(y_t | x_<=t) (B, T) of the targets under the policy that samples: the model's logits
-    over the tokenizer's n_vocab ids (what generate(vocab_limit=n_vocab) samples from) divided by
-    the sampling temperature [and the entropy (B, T) of each next-token distribution]. Holds
-    B x T x V fp32 logits: with a 128k vocabulary keep device_batch_size small."""
-    logp_all = F.log_softmax(model(x)[..., :n_vocab].float() / temperature, dim=-1)
+def _logprobs_chunk(h, w, y, temperature, entropy):
+    logp_all = F.log_softmax(F.linear(h, w).float() / temperature, dim=-1)
     logp = logp_all.gather(-1, y[..., None])[..., 0]
     if entropy:
         return logp, -(logp_all.exp() * logp_all).sum(-1)
     return logp
+
+
+def sequence_logprobs(model, x, y, n_vocab, temperature=1.0, entropy=False):
+    """log pi(y_t | x_<=t) (B, T) of the targets under the policy that samples: the model's logits
+    over the tokenizer's n_vocab ids (what generate(vocab_limit=n_vocab) samples from) divided by
+    the sampling temperature [and the entropy (B, T) of each next-token distribution]. The logits
+    are made a few rows at a time (at most runtime.LOGITS_CHUNK_ELEMENTS each, recomputed in
+    backward), so a 128k vocabulary never holds B x T x V fp32 logits: 64 rows x 130 tokens x
+    128,256 would be 4.3 GB per temporary."""
+    h = model(x, head=False)
+    w = model.lm_head.weight[:n_vocab]
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // (x.shape[1] * n_vocab))
+    if rows >= x.shape[0]:
+        return _logprobs_chunk(h, w, y, temperature, entropy)
+    run = _logprobs_chunk if not torch.is_grad_enabled() else (
+        lambda *a: checkpoint(_logprobs_chunk, *a, use_reentrant=False))
+    parts = [run(h[a:a + rows], w, y[a:a + rows], temperature, entropy) for a in range(0, x.shape[0], rows)]
+    if entropy:
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return torch.cat(parts)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,17 +112,20 @@ def resolve_precision(device, precision="auto"):
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_speedup(m=4096, k=128, n=384, repeats=5):
     """Time of an fp32 (m x k) @ (k x n) matmul over the same under bf16 autocast, best of
-    `repeats` each, on this CPU (~50 ms). The shape is the nano models' (tokens x hidden x FFN)."""
+    `repeats` each, on this CPU (~50 ms). The shape is the nano models' (tokens x hidden x FFN).
+    The times are this process's CPU time, not the wall clock: on a busy machine (a niced run
+    beside another job) the wall clock times the waits for a core, and a sft.py run chose bf16 on
+    an AVX2-only CPU where bf16 autocast matmuls are ~20x slower than fp32 (a step: 13 s -> 190 s)."""
     a, b = torch.randn(m, k), torch.randn(k, n)
 
     def best(f):
         f()  # warm-up (oneDNN picks its kernel on the first call)
         times = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             f()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+            times.append(time.process_time() - t0)
+        return max(min(times), 1e-9)
     t32 = best(lambda: a @ b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         t16 = best(lambda: a @ b)
@@ -471,6 +474,19 @@ def read_train_config(out_dir):
 # one chunk at a time, and memory holds a few chunk x V fp32 temporaries (logits, log-probs and
 # their gradients) instead of B x T x V of each.
 
+LOGITS_CHUNK_ELEMENTS = 2 ** 26   # at most 256 MiB of fp32 logits per chunk (and per model)
+
+
+def logits_chunk(vocab_size, chunk=0, tokens=4096):
+    """Tokens per chunk of a vocabulary-sized loss: `chunk` when given (> 0), else 4096 tokens,
+    fewer for a large vocabulary so that a chunk's logits stay under LOGITS_CHUNK_ELEMENTS (a
+    768-token vocabulary: 4096; Llama 3's 128,256: 523, where 4096 would be 2.1 GB per
+    temporary and a KD step of a tiny model held ~11 GB)."""
+    if chunk:
+        return int(chunk)
+    return max(1, min(tokens, LOGITS_CHUNK_ELEMENTS // max(1, int(vocab_size))))
+
+
 def _ce_chunk(h, w, y):
     return F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100, reduction="sum")
 
@@ -487,10 +503,12 @@ def _chunks(n, chunk):
     return [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
 
 
-def chunked_cross_entropy(h, weight, targets, chunk=4096):
+def chunked_cross_entropy(h, weight, targets, chunk=0):
     """Sum over tokens of CE(lm_head(h), targets); targets == -100 are ignored.
-    h (..., H) final normed hidden states, weight (V, H) the lm_head matrix."""
+    h (..., H) final normed hidden states, weight (V, H) the lm_head matrix; chunk: tokens per
+    chunk, 0 = logits_chunk(V)."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    chunk = logits_chunk(weight.shape[0], chunk)
     if h.shape[0] <= chunk:  # one chunk: nothing to save by recomputing
         return _ce_chunk(h, weight, targets)
     total = h.new_zeros((), dtype=torch.float32)
@@ -499,9 +517,11 @@ def chunked_cross_entropy(h, weight, targets, chunk=4096):
     return total
 
 
-def chunked_kl(h_student, w_student, h_teacher, w_teacher, temperature=1.0, chunk=4096):
-    """Sum over tokens of KL(teacher || student) on the next-token distributions."""
+def chunked_kl(h_student, w_student, h_teacher, w_teacher, temperature=1.0, chunk=0):
+    """Sum over tokens of KL(teacher || student) on the next-token distributions (chunk as in
+    chunked_cross_entropy)."""
     hs, ht = h_student.reshape(-1, h_student.shape[-1]), h_teacher.reshape(-1, h_teacher.shape[-1])
+    chunk = logits_chunk(w_student.shape[0], chunk)
     if hs.shape[0] <= chunk:
         return _kl_chunk(hs, w_student, ht, w_teacher, temperature)
     total = hs.new_zeros((), dtype=torch.float32)

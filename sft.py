@@ -83,7 +83,8 @@ class SFTConfig:
     warmup_frac: float = 0.1                   # the paper's ~10% warmup
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    vocab_chunk: int = 4096                    # tokens per chunk of the vocabulary-sized loss
+    vocab_chunk: int = 0                       # tokens per chunk of the vocabulary-sized loss; 0 = 4096, fewer
+                                               # for a large vocabulary (runtime.logits_chunk: <= 256 MiB of logits)
     # evaluation
     eval_interval: int | None = None           # every N steps (and at start and end); None: only at 2/3 of the
                                                # steps and the end (none at all for 1-2 steps); 0: the same
@@ -119,9 +120,8 @@ class SFTConfig:
               "rows are rendered with the starting model's own tokenizer, so copy the one it was trained with into it")
         if self.seq_len:   # 0: resolved from the data in main (auto_seq_len), recorded in train_config.json
             check_range(self, "seq_len", 8, context)
-        check_positive(self, "epochs", "device_batch_size", "lr", "grad_clip",
-                       "vocab_chunk", "eval_max_new_tokens", "log_interval")
-        for name in ("max_steps", "stop_after", "eval_interval", "eval_rows", "eval_problems", "ckpt_interval",
+        check_positive(self, "epochs", "device_batch_size", "lr", "grad_clip", "eval_max_new_tokens", "log_interval")
+        for name in ("vocab_chunk", "max_steps", "stop_after", "eval_interval", "eval_rows", "eval_problems", "ckpt_interval",
                      "weight_decay", "total_batch_size"):
             if getattr(self, name) is not None:
                 check_range(self, name, 0)

@@ -97,6 +97,34 @@ def test_micro_batch_layout_and_logprobs():
     assert torch.allclose(ent, -(ref.exp() * ref).sum(-1), atol=1e-6)
 
 
+def test_logprobs_in_row_chunks_equal_one_chunk(monkeypatch):
+    """A 128k vocabulary makes the log-probs a few rows at a time, recomputed in backward
+    (runtime.LOGITS_CHUNK_ELEMENTS): here 2 x 6 tokens x 10 ids = 120 elements, so 5 rows make 3
+    chunks of 2, 2 and 1 rows. Values, entropies and every parameter's gradient equal one chunk's."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.llama(num_layers=1, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                                      intermediate_size=32, vocab_size=12, max_position_embeddings=16))
+    x, y = torch.randint(0, 10, (5, 6)), torch.randint(0, 10, (5, 6))
+    weights = torch.randn(5, 6)
+
+    def run():
+        m.zero_grad()
+        logp, ent = grpo.sequence_logprobs(m, x, y, n_vocab=10, temperature=0.7, entropy=True)
+        ((logp + 0.1 * ent) * weights).sum().backward()
+        return logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    whole = run()
+    calls = []
+    real = grpo._logprobs_chunk
+    monkeypatch.setattr(grpo, "_logprobs_chunk", lambda h, *a: calls.append(h.shape[0]) or real(h, *a))
+    monkeypatch.setattr(grpo, "LOGITS_CHUNK_ELEMENTS", 2 * 6 * 10)
+    chunked = run()
+    assert calls[:3] == [2, 2, 1]   # (then recomputed in backward)
+    assert torch.allclose(chunked[0], whole[0], atol=1e-6) and torch.allclose(chunked[1], whole[1], atol=1e-6)
+    for n, g in whole[2].items():
+        assert torch.allclose(chunked[2][n], g, atol=1e-6), n
+
+
 # ------------------------------------------------------------------------------------------------
 # Rewards on crafted responses
 

@@ -146,9 +146,18 @@ def test_every_preset_parses(tmp_path):
         parse_config(DistillConfig, [p, *here, *extra, f"--out_dir={tmp_path / 'out'}"])
     nano = parse_config(DistillConfig, [os.path.join(root, "config", "nano_parent_cpu.py"), *here,
                                         f"--out_dir={tmp_path / 'parent'}"])
-    # the preset spells out the defaults
-    assert nano == replace(DistillConfig(device="cpu"), data_dir=str(inputs), out_dir=str(tmp_path / "parent"),
-                           eval_interval=nano.eval_interval)   # resolved from the run length
+    # the preset spells out the defaults: eval_interval resolved from the run length, seq_len=0 and
+    # total_batch_size=0 as distill.py resolves them for a scratch model (on any data: a 4,096-token
+    # batch of 16 rows caps a row at 256 tokens, here documents of 300 and 1,000 tokens)
+    import numpy as np
+    from distill import resolve_lengths
+    defaults = DistillConfig(device="cpu")
+    assert (defaults.seq_len, defaults.total_batch_size) == (0, 0)
+    docs = np.concatenate([np.r_[0, np.ones(299)], np.r_[0, np.ones(999)]]).astype(np.uint16)
+    resolve_lengths(defaults, docs, 0, [], 1)
+    assert nano == replace(defaults, data_dir=str(inputs), out_dir=str(tmp_path / "parent"),
+                           eval_interval=nano.eval_interval)
+    assert (nano.seq_len, nano.total_batch_size) == (256, 4096)
 
 
 def _tiny_checkpoint_parts(tmp_path):
