@@ -262,10 +262,12 @@ def test_bad_input_errors(data_dir, tmp_path):
     # batch that does not fit the resolved rows says where their length came from
     with pytest.raises(ConfigError, match="--total_batch_size=16: leaves fewer than 8 tokens for each of the "
                                           "--device_batch_size=4 rows"):
-        parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--seq_len=0", "--total_batch_size=16"])
+        parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'x'}",
+                                                   "--seq_len=0", "--total_batch_size=16"])
     with pytest.raises(ConfigError, match=r"--total_batch_size=5000: must be a multiple of .* \(--seq_len=0 resolved to \d+: the longest document"):
         run(data_dir, tmp_path / "x", "--seq_len=0", "--total_batch_size=5000", "--max_steps=1")
-    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", "--seq_len=0", "--total_batch_size=0"])
+    cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'x'}",
+                                                     "--seq_len=0", "--total_batch_size=0"])
     distill.resolve_lengths(cfg, load_token_shards(os.path.join(data_dir, "pretrain_train")),
                             load_tokenizer(data_dir).bos_id, [64], 2)
     assert (cfg.seq_len, cfg.total_batch_size) == (64, 4096)   # a 64-token context; 16 rows of 2 processes x 4

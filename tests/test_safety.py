@@ -98,8 +98,16 @@ def test_metrics_log_keeps_old_runs_and_readers_take_the_last(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 # Ctrl-C
 
+def _sigint_default():
+    """A child of a backgrounded pytest (nohup, &) inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt: give the child the terminal's default, as an interactive user has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interruptible_saves_the_last_finished_step(capsys):
     saved = []
+    before = signal.getsignal(signal.SIGINT)   # SIG_IGN when pytest runs in the background (nohup, &)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def body():
         for step in runtime.interruptible(range(5, 20), saved.append):
@@ -109,7 +117,8 @@ def test_interruptible_saves_the_last_finished_step(capsys):
     with pytest.raises(Interrupted) as e:
         body()
     assert saved == [8] and e.value.step == 8
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored after the loop
+    signal.signal(signal.SIGINT, before)
 
     def main(cfg):
         body()
@@ -244,7 +253,8 @@ def test_ctrl_c_saves_and_resumes(small_world):
     out = d / "run"
     args = [sys.executable, "distill.py", *TINY, f"--data_dir={d / 'data'}", f"--out_dir={out}", "--max_steps=100000"]
     log = open(d / "ctrlc.err", "w+")   # a file, not a pipe: tqdm's output must never block the run
-    p = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    p = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                         preexec_fn=_sigint_default)
     metrics = out / "metrics.jsonl"
     assert _wait_for(lambda: metrics.exists() and metrics.read_text().count('"step"') >= 3, 300), "no steps logged"
     p.send_signal(signal.SIGINT)
@@ -282,7 +292,7 @@ def test_ctrl_c_in_the_chat_repl(small_world):
     tok.save(str(d / "chat"))
     p = subprocess.Popen([sys.executable, "sample.py", f"--ckpt={d / 'chat'}", "--chat_repl=True", "--device=cpu"],
                          cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=_sigint_default)
     import threading
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(iter(p.stderr.readline, "")), daemon=True)
