@@ -455,19 +455,24 @@ def check_format(response_text, reasoning):
 # addmod10: k single-digit operands, answer = their sum mod 10. The design note's prototype (790k
 # params, 330 s) stayed at chance answering directly but reached ~100% at k=3-4 with a trace of
 # steps `3+5=8;8+2=0`, and every first error on long chains was copying the wrong operand from the
-# prompt. So this trace restates what is left at every step, and keeps the arithmetic next to its
-# operands:
-#     3+5=8+2+7      each line adds its first two digits: the sum sits two and four tokens after
-#     8+2=0+7        its operands (a lookup at a fixed offset), and the rest of the line is the
-#     0+7=7          line above's tail, copied; the next line starts with the sum just written
-# Measured on the nano parent (SFT, 400 steps of 4k tokens): a trace that only restates the
-# running total (`3+5+2+7 / 8+2+7 / 0+7 / 7`, operands a whole line away from their sum) reached
-# ~10% on k=3..8 (every sum came out as the most frequent digit); this one 92-100% on every k.
+# prompt: a digit occurs many times in a chain, so "the operand after the one I just used" is
+# ambiguous. Each operand therefore carries an index hint, a letter (Zhou et al. 2023; the RASP-L
+# view: a step that is the same short program at every length), and the trace adds one operand
+# per line, every line the same width at every k:
+#     prompt  Add mod 10: a3+b5+c2+d7
+#     trace   a3+b5=8        the running total, then the next hint: `c` follows `b` (the line
+#             8+c2=0         above, a fixed offset back), and the digit after `c` in the prompt
+#             0+d7=7         (a unique key, so one induction lookup finds it)
+# Measured on seed 2's child (691k params, pretrained on the previous trace), SFT with 1% of its chains k = 7..8, greedy, 1,500 test
+# chains: the previous trace that restated every remaining operand (`3+5=8+2+7 / 8+2=0+7 / 0+7=7`,
+# lines that grow with k) reached k = 7 / 8 8 / 10%, its failures writing the k = 6 trace for a
+# longer chain, and GRPO moved nothing (-0.8 points); this trace 26 / 12% after SFT (converged:
+# -0.3 points over its last third), and GRPO with the default flags took it to 52 / 19%
+# (+6.5 points over all chains). The earlier prototype's running-total trace without hints
+# (`3+5+2+7 / 8+2+7 / 0+7 / 7`) reached ~10% on k=3..8.
 # k = number of operands, 2..8 by default; 10^k distinct problems per k.
 # Splits are disjoint at the problem level (no prompt is in two splits; pretraining, SFT and RL
-# use train problems only). A trace's intermediate lines are themselves shorter chains (8+2+7 above),
-# and those may hash to val/test: unavoidable for step-by-step traces, and they only appear as
-# reduction steps, never as a prompt with its answer. Evaluate on k >= 3 (k=2 is the addition
+# use train problems only); a trace line (`8+c2=0`) is one addition, never a held-out prompt. Evaluate on k >= 3 (k=2 is the addition
 # table, which the pretraining corpus states in full).
 #
 # Chat-style tasks ("off" mode, also given short traces so both modes exist for every prompt):
@@ -494,21 +499,26 @@ def problem_split(problem):
 
 
 def addmod_problem(operands):
-    """A chain problem from its operands (digits 0..9), with prompt, answer and local trace."""
+    """A chain problem from its operands (digits 0..9, at most 26: one letter each), with prompt,
+    answer and fixed-width trace (see the block above)."""
     ops = [int(d) for d in operands]
-    if len(ops) < 2 or any(not 0 <= d <= 9 for d in ops):
-        raise ValueError(f"need >= 2 single digits, got {operands!r}")
-    lines, cur = [], list(ops)
-    while len(cur) > 1:
-        total = (cur[0] + cur[1]) % 10
-        lines.append(f"{cur[0]}+{cur[1]}={total}" + "".join(f"+{d}" for d in cur[2:]))
-        cur = [total] + cur[2:]
+    if not 2 <= len(ops) <= len(HINTS) or any(not 0 <= d <= 9 for d in ops):
+        raise ValueError(f"need 2..{len(HINTS)} single digits, got {operands!r}")
+    total = (ops[0] + ops[1]) % 10
+    lines = [f"{HINTS[0]}{ops[0]}+{HINTS[1]}{ops[1]}={total}"]
+    for hint, d in zip(HINTS[2:], ops[2:]):
+        lines.append(f"{total}+{hint}{d}={(total + d) % 10}")
+        total = (total + d) % 10
     return {"task": ADD_TASK, "k": len(ops), "operands": ops,
-            "prompt": f"Add mod 10: {chain_text(ops)}", "answer": str(cur[0]), "trace": "\n".join(lines)}
+            "prompt": f"Add mod 10: {chain_text(ops)}", "answer": str(total), "trace": "\n".join(lines)}
+
+
+HINTS = "abcdefghijklmnopqrstuvwxyz"   # the index hint of each operand
 
 
 def chain_text(operands):
-    return "+".join(map(str, operands))
+    """A chain with its index hints, `a3+b5+c2+d7`."""
+    return "+".join(f"{h}{d}" for h, d in zip(HINTS, operands))
 
 
 def chat_problem(task, args):

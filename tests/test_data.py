@@ -250,21 +250,25 @@ def test_split_reasoning_and_format():
 
 # ---------------------------------------------------------------------------- tasks and verifier
 
-def test_addmod_trace_is_local_and_correct():
+def test_addmod_trace_has_hints_and_fixed_width_lines():
     p = data.addmod_problem([3, 5, 2, 7])
-    assert p["prompt"] == "Add mod 10: 3+5+2+7" and p["answer"] == "7"
-    assert p["trace"] == "3+5=8+2+7\n8+2=0+7\n0+7=7"
+    assert p["prompt"] == "Add mod 10: a3+b5+c2+d7" and p["answer"] == "7"
+    assert p["trace"] == "a3+b5=8\n8+c2=0\n0+d7=7"
     for p in data.generate_problems("addmod10", "train", 200, seed=1):
         lines = p["trace"].splitlines()
         assert len(lines) == p["k"] - 1 and lines[-1].endswith("=" + p["answer"])
         assert int(p["answer"]) == sum(p["operands"]) % 10
-        left = list(map(str, p["operands"]))
-        for line in lines:     # each line: the first two digits, their sum, then the rest copied
-            step, rest = line.split("=")
-            a, b = step.split("+")
-            total, *tail = rest.split("+")
-            assert [a, b] == left[:2] and total == str((int(a) + int(b)) % 10) and tail == left[2:]
-            left = [total] + tail
+        hinted = p["prompt"].removeprefix("Add mod 10: ").split("+")   # ['a3', 'b5', ...]
+        assert hinted == [f"{'abcdefghijklmnopqrstuvwxyz'[i]}{d}" for i, d in enumerate(p["operands"])]
+        assert lines[0] == f"{hinted[0]}+{hinted[1]}={sum(p['operands'][:2]) % 10}"
+        total = int(lines[0][-1])
+        for i, line in enumerate(lines[1:], start=2):   # the running total + the next hinted operand
+            assert line == f"{total}+{hinted[i]}={(total + p['operands'][i]) % 10}"
+            assert len(line) == 6                       # the same width at every k
+            total = int(line[-1])
+    for bad in ([3], [1] * 27, [3, 10]):
+        with pytest.raises(ValueError, match="single digits"):
+            data.addmod_problem(bad)
 
 
 def test_verifier_accepts_references_rejects_perturbed():
@@ -320,14 +324,14 @@ def test_pretrain_corpus_has_no_heldout_chain():
     assert docs == data.build_pretrain_corpus(400, seed=5)
     text = "\n".join(docs)
     assert "<think>" not in text and "<|" not in text
-    # the problems the documents state (their reduction lines are shorter chains, which may hash
-    # to any split: that overlap is inherent to step-by-step traces, see data.py)
-    c = r"(\d(?:\+\d)+)"
-    chains = set(re.findall(rf"To add {c} modulo 10|^{c} = \d \(mod 10\)|^{c} then", text, re.M))
-    chains = {x for tup in chains for x in tup if x}
+    # the problems the documents state: "To add a3+b5+c2 modulo 10", "a3+b5+c2 = 0 (mod 10)", and
+    # a trace on one line, "a3+b5=8 then 8+c2=0." (its hinted operands are the chain's)
+    c = r"([a-z]\d(?:\+[a-z]\d)+)"
+    chains = set(re.findall(rf"To add {c} modulo 10|^{c} = \d \(mod 10\)", text, re.M))
+    chains = {"".join(re.findall(r"[a-z](\d)", x)) for tup in chains for x in tup if x}
+    chains |= {"".join(re.findall(r"[a-z](\d)", m)) for m in re.findall(r"^a\d\+b\d=\d(?: then \d\+[a-z]\d=\d)*\.$", text, re.M)}
     assert len(chains) > 300
-    splits = {data.problem_split(data.addmod_problem([int(c) for c in ch.split("+")]))
-              for ch in chains}
+    splits = {data.problem_split(data.addmod_problem([int(c) for c in ch])) for ch in chains}
     assert splits == {"train"}
 
 
