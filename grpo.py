@@ -121,6 +121,11 @@ class GRPOConfig:
     warmup_steps: int = 2                   # optimizer steps
     min_lr_frac: float = 1.0                # 1.0 = constant after warmup (cosine down to lr * frac otherwise)
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8                  # AdamW's eps. Group-centred advantages make many gradient entries
+                                            # cancel (a token sampled in winning and losing responses) to ~1e-9,
+                                            # the size of float rounding; Adam's first steps divide by
+                                            # sqrt(v) + eps, so with eps = 1e-8 such an entry moves by up to lr
+                                            # in the direction the rounding picked (tests use 1e-5)
     grad_clip: float = 1.0
     # evaluation: held-out "val" problems in both modes, greedy
     eval_interval: int | None = None        # every N steps (and at start and end); 0 or None = start and end
@@ -148,7 +153,7 @@ class GRPOConfig:
         load_config(self.init_from)  # a folder without a readable config: one line, before any work
         check_positive(self, "prompts_per_step", "gen_groups", "max_new_tokens", "temperature", "lr",
                        "device_batch_size", "updates_per_rollout", "max_steps", "grad_clip", "eval_max_new_tokens",
-                       "log_interval", "adv_eps", "curriculum_sigma")
+                       "log_interval", "adv_eps", "curriculum_sigma", "adam_eps")
         check_range(self, "group_size", 2)  # one sample has no group to be compared with
         if self.eval_interval is None:   # evaluations scale with the run (recorded in train_config.json)
             self.eval_interval = 0
@@ -638,7 +643,7 @@ RESUME_KEYS = ("init_from", "data", "seed", "prefilter_samples", "max_pass_rate"
                "prompts_per_step",
                "group_size", "gen_groups", "max_new_tokens", "temperature", "top_p", "on_fraction", "format_weight",
                "eps_low", "eps_high", "adv_eps", "kl_weight", "updates_per_rollout", "curriculum",
-               "curriculum_sigma", "max_steps", "lr", "warmup_steps", "min_lr_frac", "weight_decay", "grad_clip")
+               "curriculum_sigma", "max_steps", "lr", "warmup_steps", "min_lr_frac", "weight_decay", "adam_eps", "grad_clip")
 
 
 def load_for_resume(cfg, model_cfg, digest):
@@ -647,7 +652,9 @@ def load_for_resume(cfg, model_cfg, digest):
     if load_config(cfg.out_dir) != model_cfg:
         raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture than "
                           f"--init_from={cfg.init_from}")
-    changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if before.get(k) != getattr(cfg, k)]
+    # (a key the earlier run's config lacks had its default then: adam_eps came later)
+    changed = [f"{k}: {before.get(k, getattr(GRPOConfig, k))!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
+               if before.get(k, getattr(GRPOConfig, k)) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
     if state["extra"].get("data_sha256") != digest:
@@ -691,7 +698,7 @@ def main(cfg):
         model, state = load_for_resume(cfg, mcfg, digest)
         start_step = state["step"]
     model.to(device)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device=device)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device=device, eps=cfg.adam_eps)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -185,13 +185,13 @@ def lr_at(step, max_steps, lr, warmup_steps, min_lr_frac=0.1):
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu"):
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu", eps=1e-8):
     """AdamW; matrices decay, vectors (norm weights) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.startswith("cuda"))
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.startswith("cuda"))
 
 
 RUN_MARKER = "run_marker"   # the first line a run writes to its metrics.jsonl
