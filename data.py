@@ -459,17 +459,23 @@ def check_format(response_text, reasoning):
 # ambiguous. Each operand therefore carries an index hint, a letter (Zhou et al. 2023; the RASP-L
 # view: a step that is the same short program at every length), and the trace adds one operand
 # per line, every line the same width at every k:
-#     prompt  Add mod 10: a3+b5+c2+d7
-#     trace   a3+b5=8        the running total, then the next hint: `c` follows `b` (the line
-#             8+c2=0         above, a fixed offset back), and the digit after `c` in the prompt
-#             0+d7=7         (a unique key, so one induction lookup finds it)
-# Measured on seed 2's child (691k params, pretrained on the previous trace), SFT with 1% of its chains k = 7..8, greedy, 1,500 test
-# chains: the previous trace that restated every remaining operand (`3+5=8+2+7 / 8+2=0+7 / 0+7=7`,
-# lines that grow with k) reached k = 7 / 8 8 / 10%, its failures writing the k = 6 trace for a
-# longer chain, and GRPO moved nothing (-0.8 points); this trace 26 / 12% after SFT (converged:
-# -0.3 points over its last third), and GRPO with the default flags took it to 52 / 19%
-# (+6.5 points over all chains). The earlier prototype's running-total trace without hints
-# (`3+5+2+7 / 8+2+7 / 0+7 / 7`) reached ~10% on k=3..8.
+#     prompt  Add mod 10: v3+w5+x2+y7
+#     trace   v3+w5=8        the running total, then the next hint: `x` follows `w` (the line
+#             8+x2=0         above, a fixed offset back), and the digit after `x` in the prompt
+#             0+y7=7         (a unique key, so one induction lookup finds it)
+# The letters are consecutive from a start the operands pick (`chain_hints`), so every letter
+# occurs at every position. Measured, greedy, 1,500 test chains (k = 3..8), SFT with 1% of its
+# chains k = 7..8, then GRPO with the default flags:
+#   - the previous trace restating every remaining operand (`3+5=8+2+7 / 8+2=0+7 / 0+7=7`, lines
+#     that grow with k), seed 2's child: SFT 65.1%, k = 7 / 8 8 / 10%, failures writing the k = 6
+#     trace for a longer chain; GRPO -0.8 points.
+#   - hints always from `a` (`a3+b5+c2`), whole speedruns: SFT 65.3% (seed 1337), 65.4% (seed 2),
+#     k = 7 / 8 10 / 9% and 8 / 12%: the model wrote `g` and then a guess, for SFT's k <= 6 chains
+#     never used `g` or `h` (pass@1 0.09-0.10 = chance); GRPO -0.4 and +0.1 points.
+#   - hints from a start the operands pick, seed 1337's child of the run above: SFT 84.1%
+#     (k = 7 / 8 67 / 51%), GRPO 91.0% (74 / 80%): +6.9 points, 43% of SFT's errors.
+# The earlier prototype's running-total trace without hints (`3+5+2+7 / 8+2+7 / 0+7 / 7`) reached
+# ~10% on k=3..8.
 # k = number of operands, 2..8 by default; 10^k distinct problems per k.
 # Splits are disjoint at the problem level (no prompt is in two splits; pretraining, SFT and RL
 # use train problems only); a trace line (`8+c2=0`) is one addition, never a held-out prompt. Evaluate on k >= 3 (k=2 is the addition
@@ -504,9 +510,10 @@ def addmod_problem(operands):
     ops = [int(d) for d in operands]
     if not 2 <= len(ops) <= len(HINTS) or any(not 0 <= d <= 9 for d in ops):
         raise ValueError(f"need 2..{len(HINTS)} single digits, got {operands!r}")
+    hints = chain_hints(ops)
     total = (ops[0] + ops[1]) % 10
-    lines = [f"{HINTS[0]}{ops[0]}+{HINTS[1]}{ops[1]}={total}"]
-    for hint, d in zip(HINTS[2:], ops[2:]):
+    lines = [f"{hints[0]}{ops[0]}+{hints[1]}{ops[1]}={total}"]
+    for hint, d in zip(hints[2:], ops[2:]):
         lines.append(f"{total}+{hint}{d}={(total + d) % 10}")
         total = (total + d) % 10
     return {"task": ADD_TASK, "k": len(ops), "operands": ops,
@@ -516,9 +523,17 @@ def addmod_problem(operands):
 HINTS = "abcdefghijklmnopqrstuvwxyz"   # the index hint of each operand
 
 
+def chain_hints(operands):
+    """The index hints of a chain: consecutive letters from a start the operands pick (a hash, so a
+    problem has one prompt), wrapping z -> a: `h3+i5+j2`. With every chain starting at `a`, SFT's
+    k <= 6 chains never used `g` or `h`, and at k = 7 the model wrote `g` and then a guess."""
+    start = hashlib.sha256("".join(map(str, operands)).encode()).digest()[0] % len(HINTS)
+    return [HINTS[(start + i) % len(HINTS)] for i in range(len(operands))]
+
+
 def chain_text(operands):
-    """A chain with its index hints, `a3+b5+c2+d7`."""
-    return "+".join(f"{h}{d}" for h, d in zip(HINTS, operands))
+    """A chain with its index hints, `h3+i5+j2+k7`."""
+    return "+".join(f"{h}{d}" for h, d in zip(chain_hints(operands), operands))
 
 
 def chat_problem(task, args):

@@ -252,20 +252,25 @@ def test_split_reasoning_and_format():
 
 def test_addmod_trace_has_hints_and_fixed_width_lines():
     p = data.addmod_problem([3, 5, 2, 7])
-    assert p["prompt"] == "Add mod 10: a3+b5+c2+d7" and p["answer"] == "7"
-    assert p["trace"] == "a3+b5=8\n8+c2=0\n0+d7=7"
+    assert p["prompt"] == "Add mod 10: v3+w5+x2+y7" and p["answer"] == "7"
+    assert p["trace"] == "v3+w5=8\n8+x2=0\n0+y7=7"
+    assert data.chain_text([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 2 + [0] * 6).count("a") == 1  # 26 letters, each once
+    starts = []
     for p in data.generate_problems("addmod10", "train", 200, seed=1):
         lines = p["trace"].splitlines()
         assert len(lines) == p["k"] - 1 and lines[-1].endswith("=" + p["answer"])
         assert int(p["answer"]) == sum(p["operands"]) % 10
-        hinted = p["prompt"].removeprefix("Add mod 10: ").split("+")   # ['a3', 'b5', ...]
-        assert hinted == [f"{'abcdefghijklmnopqrstuvwxyz'[i]}{d}" for i, d in enumerate(p["operands"])]
+        hinted = p["prompt"].removeprefix("Add mod 10: ").split("+")   # ['v3', 'w5', ...]
+        a = "abcdefghijklmnopqrstuvwxyz".index(hinted[0][0])             # consecutive letters, z -> a
+        assert hinted == [f"{'abcdefghijklmnopqrstuvwxyz'[(a + i) % 26]}{d}" for i, d in enumerate(p["operands"])]
+        starts.append(a)
         assert lines[0] == f"{hinted[0]}+{hinted[1]}={sum(p['operands'][:2]) % 10}"
         total = int(lines[0][-1])
         for i, line in enumerate(lines[1:], start=2):   # the running total + the next hinted operand
             assert line == f"{total}+{hinted[i]}={(total + p['operands'][i]) % 10}"
             assert len(line) == 6                       # the same width at every k
             total = int(line[-1])
+    assert len(set(starts)) >= 20   # chains start at every letter (SFT's short chains use them all)
     for bad in ([3], [1] * 27, [3, 10]):
         with pytest.raises(ValueError, match="single digits"):
             data.addmod_problem(bad)
