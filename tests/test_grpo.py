@@ -218,7 +218,8 @@ def world(tmp_path_factory):
     policy = str(d / "policy")
     save_model(m, policy)
     tok.save(policy)
-    probs = generate_problems("addmod10", "train", 60, seed=5, k_min=2, k_max=4)
+    # unique: the prefilter test maps prompt -> given pass rate, so a prompt may appear only once
+    probs = generate_problems("addmod10", "train", 60, seed=5, k_min=2, k_max=4, unique=True)
     rl = str(d / "rl.jsonl")
     with open(rl, "w") as f:
         for i, p in enumerate(probs):
