@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import (check, check_choice, check_positive, check_range, check_readable,
-                          check_writable_dir)
+from checkpoint import load_config, load_model
+from configurator import (check, check_choice, check_positive, check_range, check_readable)
 from data import load_token_shards, load_tokenizer
-from model import ModelConfig, NonFiniteError, Transformer, count_params, load_config, load_model
+from model import ModelConfig, NonFiniteError, Transformer, count_params
 from runtime import (PRECISIONS, resolve_precision, ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
                      config_dict, grad_accum_steps, grad_sync, load_trainer_state, lr_at, make_optimizer,
                      plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, step_offsets,

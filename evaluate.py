@@ -8,8 +8,8 @@ evaluate.py: the two yardsticks every stage of the recipe is judged with.
 The paper reports every model with reasoning on and off (sec. 4-5 tables) and its efficiency as
 throughput (sec. 2); at nano scale the accuracy comes from data.py's verifier on the held-out test
 split and the throughput from the same KV-cache generation the recipe decodes with. sample.py
---eval / --bench print these; sft.py and grpo.py call evaluate_problems for their periodic
-evaluations, and puzzle.py's cost model times decode steps with bench_decode_many (the same calls
+--eval / --bench print these; sft.py and grpo.py log generation_eval (evaluate_problems in both
+modes) for their periodic evaluations, and puzzle.py's cost model times decode steps with bench_decode_many (the same calls
 as bench_decode), so every number in the report comes from one piece of code. It imports model.py
 and data.py, never a stage file.
 """
@@ -84,6 +84,46 @@ def evaluate_problems(model, tok, problems, reasoning, max_new_tokens=128, batch
             "n_by_task": {k: len(v) for k, v in sorted(by_task.items())},
             "by_k": {k: mean(v) for k, v in sorted(by_k.items())},
             "responses": texts, "correct": correct}
+
+
+# The periodic evaluation of the training stages (sft.py, grpo.py): a fixed sample of data.py's
+# "val" split (seed EVAL_SEED, whatever the run's seed), so runs with other seeds or settings are
+# compared on the same problems, in both reasoning modes, greedy.
+EVAL_SEED = 1337
+
+
+def generation_eval(model, tok, problems, max_new_tokens, compile=False):
+    """One metrics row: accuracy_{on,off}, think_rate_{on,off}, truncated_{on,off}, accuracy by
+    chain length (acc_on_k3, ...) and by task (acc_on_copy, ...). max_new_tokens is capped so the
+    longest prompt plus its answer fits the model's context."""
+    row = {}
+    longest = max(len(tok.render_prompt(p["prompt"], "on")) for p in problems)
+    n_new = min(max_new_tokens, model.config.max_position_embeddings - longest + 1)
+    for mode in ("on", "off"):
+        res = evaluate_problems(model, tok, problems, mode, n_new, batch_size=64, compile=compile)
+        row[f"accuracy_{mode}"], row[f"think_rate_{mode}"] = res["accuracy"], res["think_rate"]
+        row[f"truncated_{mode}"] = res["truncated"]
+        row.update({f"acc_{mode}_k{k}": v for k, v in res["by_k"].items()})
+        row.update({f"acc_{mode}_{t}": v for t, v in res["by_task"].items() if t != ADD_TASK})
+    return row
+
+
+def chain_accuracy(row, mode="on"):
+    """Accuracy on the eval's chains alone (the mean over chain lengths k of acc_{mode}_k*; the
+    eval draws the same number of chains per k)."""
+    ks = [v for k, v in row.items() if k.startswith(f"acc_{mode}_k")]
+    return sum(ks) / len(ks) if ks else None
+
+
+def describe_eval(row):
+    """A generation_eval row (plus val_loss if present) as one log line."""
+    parts = [f"val_loss {row['val_loss']:.4f}"] if "val_loss" in row else []
+    for mode in ("on", "off"):
+        if f"accuracy_{mode}" in row:
+            ks = " ".join(f"{k[len(f'acc_{mode}_'):]}={v:.2f}" for k, v in row.items()
+                          if k.startswith(f"acc_{mode}_k"))
+            parts.append(f"{mode}: acc {row[f'accuracy_{mode}']:.3f} think {row[f'think_rate_{mode}']:.3f} ({ks})")
+    return "; ".join(parts)
 
 
 def format_breakdown(result):

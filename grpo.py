@@ -64,12 +64,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
-                          check_writable_dir)
-from data import (ADD_TASK, DataError, check_format, heldout_problems, load_rl_jsonl, load_tokenizer,
+from checkpoint import load_config, load_model
+from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable)
+from data import (DataError, check_format, heldout_problems, load_rl_jsonl, load_tokenizer,
                   tokenizer_file, verify)
-from evaluate import evaluate_problems
-from model import NonFiniteError, count_params, load_config, load_model
+from evaluate import EVAL_SEED, describe_eval, generation_eval
+from model import NonFiniteError, count_params
 from runtime import (LOGITS_CHUNK_ELEMENTS, atomic_write, check_heldout_size, check_out_dir, interruptible, read_train_config,
                      MetricsLog, load_trainer_state, lr_at, make_optimizer, pick_device, plot_curves, read_metrics,
                      run_main, save_checkpoint, setup_dist, teardown_dist, auto_eval_interval)
@@ -588,33 +588,6 @@ def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluation: held-out problems in both modes, greedy, with evaluate.py (what sample.py --eval runs).
-# A fixed sample of data.py's "val" split, so runs with other settings compare on the same problems.
-
-EVAL_SEED = 1337
-
-
-def generation_eval(model, tok, problems, cfg):
-    row = {}
-    longest = max(len(tok.render_prompt(p["prompt"], "on")) for p in problems)
-    n_new = min(cfg.eval_max_new_tokens, model.config.max_position_embeddings - longest + 1)
-    for mode in ("on", "off"):
-        res = evaluate_problems(model, tok, problems, mode, n_new, batch_size=64, compile=cfg.compile)
-        row[f"accuracy_{mode}"], row[f"think_rate_{mode}"] = res["accuracy"], res["think_rate"]
-        row.update({f"acc_{mode}_k{k}": v for k, v in res["by_k"].items()})
-        row.update({f"acc_{mode}_{t}": v for t, v in res["by_task"].items() if t != ADD_TASK})
-    model.train()
-    return row
-
-
-def describe_eval(row):
-    parts = []
-    for mode in ("on", "off"):
-        ks = " ".join(f"{k[len(f'acc_{mode}_'):]}={v:.2f}" for k, v in row.items() if k.startswith(f"acc_{mode}_k"))
-        parts.append(f"{mode}: acc {row[f'accuracy_{mode}']:.3f} think {row[f'think_rate_{mode}']:.3f} ({ks})")
-    return "; ".join(parts)
-
-
 class PhaseClock:
     """Seconds per phase of the run (prefilter, rollout, train, eval), wall clock and CPU time of
     this process. On a machine shared with other jobs the wall clock stretches and the CPU time
@@ -746,7 +719,8 @@ def main(cfg):
 
     def run_eval(step):
         with clock("eval"):
-            row = generation_eval(model, tok, problems, cfg)
+            row = generation_eval(model, tok, problems, cfg.eval_max_new_tokens, cfg.compile)
+            model.train()
         log.log(step=step, **row, **clock.last)
         return row
 

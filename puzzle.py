@@ -59,12 +59,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import load_config, load_model, save_model
 from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
-                          check_out_dir, check_writable_dir, run_main)
+                          check_out_dir, run_main)
 from data import load_token_shards, load_tokenizer
 from evaluate import bench_decode_many
-from model import (BlockConfig, DecoderLayer, NonFiniteError, Transformer, kv_bytes_per_token, layer_params, load_config,
-                   load_model, rope_cos_sin, save_model)
+from model import (BlockConfig, DecoderLayer, NonFiniteError, Transformer, kv_bytes_per_token, layer_params,
+                   rope_cos_sin)
 from runtime import (MetricsLog, autocast, chunked_kl, lr_at, make_optimizer, plot_curves, read_metrics,
                      setup_dist, step_offsets, teardown_dist, windows)
 

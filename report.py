@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoint import load_config
 from configurator import ConfigError, atomic_write, check_readable, run_main, write_json
 from data import ADD_TASK, CHAT_TASKS
-from model import count_params, kv_bytes_per_token, load_config
+from model import count_params, kv_bytes_per_token
 from runtime import moving_average, read_metrics
 
 MODELS = ("parent", "child", "sft", "grpo")

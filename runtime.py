@@ -305,7 +305,7 @@ def save_checkpoint(out_dir, model, optimizer, step, cfg, tokenizer=None, extra=
     `.tmp-*` leftovers of a save that was killed are removed first. trainer_state.pt is written
     after the weights and carries the same step, so load_trainer_state can tell a checkpoint whose
     save was interrupted between the two."""
-    from model import save_model
+    from checkpoint import save_model
     save_model(model, out_dir, metadata={"step": step})   # also clears .tmp-* leftovers
     if tokenizer is not None:
         tokenizer.save(out_dir)

@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from checkpoint import load_model
 from configurator import (ConfigError, atomic_write, check, check_choice, check_positive, check_range,
                           check_readable, run_main)
 from data import ADD_TASK, DataError, heldout_problems, load_rl_jsonl, load_tokenizer, split_reasoning
 from evaluate import (bench_compare, bench_decode, bench_decode_many, evaluate_problems, format_breakdown,
                       generate_responses)
-from model import load_model
 from runtime import check_decode_fits, check_heldout_size, pick_device
 
 
@@ -125,7 +125,7 @@ class SampleConfig:
         if self.eval and not self.problems:
             check_heldout_size("n", self.n, self.split)
         if self.bench:
-            from model import load_config
+            from checkpoint import load_config
             mcfg = load_config(self.ckpt)
             context = self.prompt_len + self.bench_tokens
             check_decode_fits("batch_size", self.batch_size, mcfg, context, pick_device(self.device))

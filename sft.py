@@ -36,7 +36,6 @@ held-out "val" split of data.py's task world for the generation evals. Writes to
 config.json + model.safetensors + tokenizer (a checkpoint sample.py can load), trainer_state.pt
 (for --resume=True), train_config.json, metrics.jsonl, loss.png, accuracy.png, accuracy_by_k.png.
 """
-import json
 import math
 import os
 import sys
@@ -47,13 +46,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
-                          check_writable_dir)
-from data import (ADD_TASK, DataError, check_format, heldout_problems, load_sft_jsonl, load_tokenizer,
+from checkpoint import load_config, load_model
+from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable)
+from data import (DataError, check_format, heldout_problems, load_sft_jsonl, load_tokenizer,
                   tokenizer_file)
-from evaluate import evaluate_problems
-from model import CheckpointError, NonFiniteError, count_params, load_config, load_model
-from runtime import (PRECISIONS, resolve_precision, MetricsLog, autocast, chunked_cross_entropy, config_dict, grad_accum_steps, grad_sync,
+from evaluate import EVAL_SEED, chain_accuracy, describe_eval, generation_eval
+from model import CheckpointError, NonFiniteError, count_params
+from runtime import (PRECISIONS, resolve_precision, MetricsLog, autocast, chunked_cross_entropy, grad_accum_steps, grad_sync,
                      load_trainer_state, lr_at, make_optimizer, plot_curves, read_metrics, run_main,
                      check_heldout_size, check_out_dir, interruptible, read_train_config, auto_eval_interval,
                      auto_seq_len, auto_total_batch,
@@ -346,9 +345,6 @@ def loss_sum(model, x, y, doc, pos, vocab_chunk):
 # function sample.py --eval uses). The problems are a fixed sample of data.py's "val" split, so
 # runs with other seeds or settings are compared on the same problems.
 
-EVAL_SEED = 1337
-
-
 @torch.no_grad()
 def val_loss(model, val_rows, val_sources, cfg, pad_id, device):
     """Mean cross-entropy per assistant target token over the packed rows of --val_data."""
@@ -364,34 +360,13 @@ def val_loss(model, val_rows, val_sources, cfg, pad_id, device):
     return total / n
 
 
-def generation_eval(model, tok, problems, cfg):
-    """accuracy / think rate in both modes, with accuracy by chain length and by task."""
-    row = {}
-    longest = max(len(tok.render_prompt(p["prompt"], "on")) for p in problems)
-    n_new = min(cfg.eval_max_new_tokens, model.config.max_position_embeddings - longest + 1)
-    for mode in ("on", "off"):
-        res = evaluate_problems(model, tok, problems, mode, n_new, batch_size=64, compile=cfg.compile)
-        row[f"accuracy_{mode}"], row[f"think_rate_{mode}"] = res["accuracy"], res["think_rate"]
-        row[f"truncated_{mode}"] = res["truncated"]
-        row.update({f"acc_{mode}_k{k}": v for k, v in res["by_k"].items()})
-        row.update({f"acc_{mode}_{t}": v for t, v in res["by_task"].items() if t != ADD_TASK})
-    return row
-
-
 def evaluate(model, tok, val_rows, val_sources, problems, cfg, device, pad_id):
     row = {}
     if val_rows:
         row["val_loss"] = val_loss(model, val_rows, val_sources, cfg, pad_id, device)
     if problems:
-        row.update(generation_eval(model, tok, problems, cfg))
+        row.update(generation_eval(model, tok, problems, cfg.eval_max_new_tokens, cfg.compile))
     return row
-
-
-def chain_accuracy(row, mode="on"):
-    """Accuracy on the eval's chains alone (the mean over chain lengths k of acc_{mode}_k*; the
-    eval draws the same number of chains per k)."""
-    ks = [v for k, v in row.items() if k.startswith(f"acc_{mode}_k")]
-    return sum(ks) / len(ks) if ks else None
 
 
 def convergence(rows, two_thirds, end):
@@ -402,16 +377,6 @@ def convergence(rows, two_thirds, end):
         return None
     return {"chain_accuracy_on_two_thirds": at[two_thirds], "chain_accuracy_on_end": at[end],
             "chain_gain_last_third": at[end] - at[two_thirds]}
-
-
-def describe_eval(row):
-    parts = [f"val_loss {row['val_loss']:.4f}"] if "val_loss" in row else []
-    for mode in ("on", "off"):
-        if f"accuracy_{mode}" in row:
-            ks = " ".join(f"{k[len(f'acc_{mode}_'):]}={v:.2f}" for k, v in row.items()
-                          if k.startswith(f"acc_{mode}_k"))
-            parts.append(f"{mode}: acc {row[f'accuracy_{mode}']:.3f} think {row[f'think_rate_{mode}']:.3f} ({ks})")
-    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------

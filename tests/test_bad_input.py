@@ -16,8 +16,9 @@ import sys
 import pytest
 import torch
 
+from checkpoint import save_model
 from data import DataConfig, load_tokenizer, prepare
-from model import ModelConfig, Transformer, save_model
+from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}

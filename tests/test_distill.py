@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import distill
+from checkpoint import save_model
 from data import DataConfig, load_token_shards, load_tokenizer, prepare
-from model import ModelConfig, Transformer, save_model
+from model import ModelConfig, Transformer
 from runtime import read_metrics, ConfigError, Dist, chunked_cross_entropy, chunked_kl, doc_ids_and_positions, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import grpo
+from checkpoint import save_model
 from configurator import ConfigError, parse_config, run_main
 from data import DataConfig, load_tokenizer, prepare, generate_problems
-from model import ModelConfig, Transformer, save_model
+from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -257,7 +258,7 @@ def max_diff(a, b):
 
 def test_zero_variance_groups_skipped_and_first_update_has_ratio_one(world):
     tok = world["tok"]
-    from model import load_model
+    from checkpoint import load_model
     model = load_model(world["policy"])
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cfg = grpo.GRPOConfig(group_size=2, updates_per_rollout=1, format_weight=0.0, max_steps=1, warmup_steps=0)

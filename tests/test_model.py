@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
-from model import (BlockConfig, CheckpointError, ModelConfig, Transformer, config_from_dict, count_params,
-                   kv_bytes_per_token, load_config, load_model, sample_next, save_model)
+from checkpoint import config_from_dict, load_config, load_model, save_model
+from model import (BlockConfig, CheckpointError, ModelConfig, Transformer, count_params, kv_bytes_per_token,
+                   sample_next)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocesses run the scripts as a user would: on CPU with the PyTorch references, not with the

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import puzzle
+from checkpoint import load_config, load_model, save_model
 from data import DataConfig, load_tokenizer, prepare
-from model import (BlockConfig, ModelConfig, Transformer, count_params, kv_bytes_per_token, load_config,
-                   load_model, save_model)
+from model import BlockConfig, ModelConfig, Transformer, count_params, kv_bytes_per_token
 from runtime import ConfigError, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,8 +25,8 @@ import grpo
 import puzzle
 import sample
 import sft
+from checkpoint import load_config
 from configurator import parse_config, run_main
-from model import load_config
 from runtime import logits_chunk
 
 transformers = pytest.importorskip("transformers")

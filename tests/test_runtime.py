@@ -178,7 +178,7 @@ def test_every_checkpoint_file_is_written_atomically(tmp_path, monkeypatch):
     import os
     import numpy as np
     from data import write_token_shards
-    from model import save_model
+    from checkpoint import save_model
     from runtime import save_checkpoint
     model, opt, tok = _tiny_checkpoint_parts(tmp_path)
     renamed, synced = [], []

@@ -283,7 +283,8 @@ def test_ctrl_c_saves_and_resumes(small_world):
 def test_ctrl_c_in_the_chat_repl(small_world):
     import torch
     from data import load_tokenizer
-    from model import ModelConfig, Transformer, save_model
+    from model import ModelConfig, Transformer
+    from checkpoint import save_model
     d = small_world
     tok = load_tokenizer(str(d / "data"))
     m = Transformer(ModelConfig.llama(num_layers=1, vocab_size=tok.n_vocab, hidden_size=32, num_attention_heads=4,

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import evaluate
+from checkpoint import save_model
 from data import DataConfig, has_think_block, heldout_problems, load_tokenizer, prepare, verify
-from model import ModelConfig, NonFiniteError, Transformer, sample_next, save_model
+from model import ModelConfig, NonFiniteError, Transformer, sample_next
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

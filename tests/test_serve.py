@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import serve
+from checkpoint import load_model, save_model
 from data import LLAMA3_SPECIAL_TOKENS, Tokenizer, load_tokenizer, split_reasoning
-from model import ModelConfig, Transformer, load_model, save_model
+from model import ModelConfig, Transformer
 
 openai = pytest.importorskip("openai")
 

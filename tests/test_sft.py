@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import sft
+from checkpoint import load_model, save_model
 from configurator import ConfigError
 from data import DataConfig, DataError, load_sft_jsonl, load_tokenizer, prepare
-from model import ModelConfig, Transformer, load_model, save_model
+from model import ModelConfig, Transformer
 from runtime import parse_config, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,8 +23,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from checkpoint import load_model  # noqa: E402
 from configurator import ConfigError, UserError, check_positive, check_readable, run_main  # noqa: E402
-from model import load_model  # noqa: E402
 
 
 @dataclass
@@ -48,32 +48,42 @@ class HistoryBenchConfig:
 
 
 def import_old_model(commit, folder):
-    """model.py and kernels.py of `commit`, imported as modules `model_before` / `kernels_before`."""
-    for name in ("model.py", "kernels.py"):
+    """model.py and kernels.py of `commit` (and its checkpoint.py, where load_model lives since that
+    file was split off model.py), imported as `model_before` / `kernels_before` / `checkpoint_before`.
+    Returns a function loading a checkpoint folder with that commit's code."""
+    names = ["model.py", "kernels.py"]
+    if subprocess.run(["git", "-C", ROOT, "cat-file", "-e", f"{commit}:checkpoint.py"],
+                      capture_output=True).returncode == 0:
+        names.append("checkpoint.py")
+    for name in names:
         r = subprocess.run(["git", "-C", ROOT, "show", f"{commit}:{name}"], capture_output=True, text=True)
         if r.returncode != 0:
             raise UserError(f"--before={commit}: git cannot show {name} of that commit ({r.stderr.strip()})")
         with open(os.path.join(folder, name.replace(".py", "_before.py")), "w") as f:
             f.write(r.stdout)
     mods = {}
-    saved = sys.modules.get("kernels")
+    saved = {k: sys.modules.get(k) for k in ("kernels", "model")}
     try:
-        for name in ("kernels_before", "model_before"):
+        for name in [n.replace(".py", "_before") for n in names]:
             spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
             mods[name] = importlib.util.module_from_spec(spec)
             if name == "model_before":  # its `from kernels import ...` must get the old kernels
                 sys.modules["kernels"] = mods["kernels_before"]
+            if name == "checkpoint_before":  # and the old checkpoint.py the old model
+                sys.modules["model"] = mods["model_before"]
             spec.loader.exec_module(mods[name])
     finally:
-        if saved is not None:
-            sys.modules["kernels"] = saved
-    return mods["model_before"]
+        for k, v in saved.items():
+            if v is not None:
+                sys.modules[k] = v
+            else:
+                sys.modules.pop(k, None)
+    return mods.get("checkpoint_before", mods["model_before"]).load_model
 
 
 def main(cfg):
     with tempfile.TemporaryDirectory() as tmp:
-        old_model = import_old_model(cfg.before, tmp)
-        before = old_model.load_model(cfg.ckpt).eval()
+        before = import_old_model(cfg.before, tmp)(cfg.ckpt).eval()
     now = load_model(cfg.ckpt).eval()
     V = now.config.vocab_size
     paths = {f"before ({cfg.before})": lambda p: before.generate(p, cfg.new_tokens, temperature=0),

@@ -48,7 +48,8 @@ def fresh_checkpoint(folder):
     import torch
 
     from data import LLAMA3_SPECIAL_TOKENS, Tokenizer
-    from model import ModelConfig, Transformer, save_model
+    from model import ModelConfig, Transformer
+    from checkpoint import save_model
     tok = Tokenizer({bytes([i]): i for i in range(256)}, {t: 256 + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)})
     torch.manual_seed(0)
     model = Transformer(ModelConfig.llama(6, vocab_size=tok.n_vocab, hidden_size=128, num_attention_heads=4,

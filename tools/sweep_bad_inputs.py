@@ -49,7 +49,8 @@ def build_world(w):
     """Idempotent: each piece is made once."""
     import torch
     from data import DataConfig, load_tokenizer, prepare
-    from model import ModelConfig, Transformer, save_model
+    from model import ModelConfig, Transformer
+    from checkpoint import save_model
     os.makedirs(w, exist_ok=True)
     if not os.path.exists(f"{w}/data/test_problems.jsonl"):
         prepare(DataConfig(out_dir=f"{w}/data", vocab_size=640, pretrain_tokens=8_000, pretrain_val_tokens=2_000,
