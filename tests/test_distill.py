@@ -223,7 +223,8 @@ def test_step_gradient_is_the_token_mean_over_the_global_batch(data_dir, tmp_pat
         assert torch.allclose(p.grad, r, rtol=1e-4, atol=1e-7)
     # end to end: the gradient norm distill.py logs for its first step (before clipping) is the
     # norm of the direct gradient, so no factor can hide between the micro-steps and the optimizer
-    run(data_dir, tmp_path / "one", "--total_batch_size=512", "--max_steps=1", "--warmup_steps=0")
+    # fp32: the reference below is fp32, and "auto" picks bf16 on CPUs where it measures faster
+    run(data_dir, tmp_path / "one", "--total_batch_size=512", "--max_steps=1", "--warmup_steps=0", "--precision=fp32")
     row = read_metrics(str(tmp_path / "one" / "metrics.jsonl"))[0]
     torch.manual_seed(cfg.seed)   # the weights distill.py started from
     init = distill.build_student(cfg, tok.n_vocab)
