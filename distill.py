@@ -34,11 +34,11 @@ from checkpoint import load_config, load_model
 from configurator import (check, check_choice, check_positive, check_range, check_readable)
 from data import load_token_shards, load_tokenizer
 from model import ModelConfig, NonFiniteError, Transformer, count_params
-from runtime import (PRECISIONS, resolve_precision, ConfigError, MetricsLog, autocast, chunked_cross_entropy, chunked_kl,
-                     config_dict, grad_accum_steps, grad_sync, load_trainer_state, lr_at, make_optimizer,
-                     plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, step_offsets,
-                     teardown_dist, windows, auto_eval_interval, auto_seq_len, auto_total_batch, check_out_dir,
-                     interruptible, read_train_config)
+from runtime import (auto_eval_interval, auto_seq_len, auto_total_batch, autocast, check_out_dir,
+                     chunked_cross_entropy, chunked_kl, ConfigError, grad_accum_steps, grad_sync,
+                     interruptible, load_for_resume, lr_at, MetricsLog, plot_curves, PRECISIONS,
+                     prepare_for_training, read_metrics, resolve_precision, run_main, save_checkpoint,
+                     setup_dist, step_offsets, teardown_dist, windows)
 
 
 @dataclass
@@ -351,34 +351,6 @@ RESUME_KEYS = ("seed", "seq_len", "total_batch_size", "data_dir", "train_data", 
                "warmup_steps", "min_lr_frac", "teacher", "kd_weight", "cosine_weight", "lm_weight", "layer_map")
 
 
-def _same_setting(key, before, now):
-    if key in ("data_dir", "train_data", "teacher") and before and now:  # out/data == ./out/data/
-        return os.path.normpath(before) == os.path.normpath(now)
-    return before == now
-
-
-def load_for_resume(cfg, model_cfg, train):
-    """The checkpoint in out_dir, checked against this run: same architecture, same run, same data."""
-    state = load_trainer_state(cfg.out_dir)
-    saved = load_config(cfg.out_dir)
-    if saved != model_cfg:
-        diff = [k for k in config_dict(model_cfg) if getattr(saved, k) != getattr(model_cfg, k)]
-        raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture "
-                          f"than this run's model (fields that differ: {diff})")
-    before = read_train_config(cfg.out_dir)
-    changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
-               if not _same_setting(k, before.get(k), getattr(cfg, k))]
-    if changed:
-        raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
-    saved_data = state.get("extra", {}).get("train_data_fingerprint")
-    if saved_data is not None and saved_data != data_fingerprint(train):
-        raise ConfigError(f"--resume=True: the training data in {cfg.data_dir} is not the data this run was "
-                          f"trained on (the files changed since the checkpoint)")
-    if state["step"] >= cfg.max_steps:
-        raise ConfigError(f"--resume=True: {cfg.out_dir} is already at step {state['step']} of max_steps={cfg.max_steps}")
-    return load_model(cfg.out_dir), state
-
-
 def main(cfg):
     dist = setup_dist(cfg.device)
     device, master = dist.device, dist.master
@@ -415,19 +387,11 @@ def main(cfg):
             raise ConfigError(f"--seq_len={cfg.seq_len} exceeds the {who}'s context of {m.config.max_position_embeddings}")
     start_step, state = 0, None
     if cfg.resume:
-        model, state = load_for_resume(cfg, mcfg, train)
+        model, state = load_for_resume(cfg, mcfg, RESUME_KEYS, cfg.max_steps,
+                                       (f"the training data in {cfg.data_dir}", "train_data_fingerprint", data_fingerprint(train)),
+                                       paths=("data_dir", "train_data", "teacher"))
         start_step = state["step"]
-    model.to(device)
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if dist.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
-                    broadcast_buffers=False)
-    opt = make_optimizer(raw, cfg.lr, cfg.weight_decay, device=device)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    model, raw, opt = prepare_for_training(model, cfg, dist, state)   # device, compile, DDP, AdamW
 
     accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, dist.world_size)
     flops_tok, peak = estimate_flops_per_token(mcfg, cfg.seq_len), gpu_peak_flops(device)

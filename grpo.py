@@ -70,9 +70,9 @@ from data import (DataError, check_format, heldout_problems, load_rl_jsonl, load
                   tokenizer_file, verify)
 from evaluate import EVAL_SEED, describe_eval, generation_eval
 from model import NonFiniteError, count_params
-from runtime import (LOGITS_CHUNK_ELEMENTS, atomic_write, check_heldout_size, check_out_dir, interruptible, read_train_config,
-                     MetricsLog, load_trainer_state, lr_at, make_optimizer, pick_device, plot_curves, read_metrics,
-                     run_main, save_checkpoint, setup_dist, teardown_dist, auto_eval_interval)
+from runtime import (atomic_write, auto_eval_interval, check_heldout_size, check_out_dir, interruptible,
+                     load_for_resume, LOGITS_CHUNK_ELEMENTS, lr_at, make_optimizer, MetricsLog, pick_device,
+                     plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, teardown_dist)
 
 
 @dataclass
@@ -619,24 +619,6 @@ RESUME_KEYS = ("init_from", "data", "seed", "prefilter_samples", "max_pass_rate"
                "curriculum_sigma", "max_steps", "lr", "warmup_steps", "min_lr_frac", "weight_decay", "adam_eps", "grad_clip")
 
 
-def load_for_resume(cfg, model_cfg, digest):
-    state = load_trainer_state(cfg.out_dir)
-    before = read_train_config(cfg.out_dir)   # a broken one: an error line naming it
-    if load_config(cfg.out_dir) != model_cfg:
-        raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture than "
-                          f"--init_from={cfg.init_from}")
-    # (a key the earlier run's config lacks had its default then: adam_eps came later)
-    changed = [f"{k}: {before.get(k, getattr(GRPOConfig, k))!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS
-               if before.get(k, getattr(GRPOConfig, k)) != getattr(cfg, k)]
-    if changed:
-        raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
-    if state["extra"].get("data_sha256") != digest:
-        raise ConfigError(f"--resume=True: {cfg.data} changed since the checkpoint in {cfg.out_dir} was written")
-    if state["step"] >= cfg.max_steps:
-        raise ConfigError(f"--resume=True: {cfg.out_dir} is already at step {state['step']} of max_steps={cfg.max_steps}")
-    return load_model(cfg.out_dir), state
-
-
 def main(cfg):
     dist = setup_dist(cfg.device)
     device, master = dist.device, dist.master
@@ -668,7 +650,8 @@ def main(cfg):
         reference = load_model(cfg.init_from, device=device).eval().requires_grad_(False)
     start_step, state = 0, None
     if cfg.resume:
-        model, state = load_for_resume(cfg, mcfg, digest)
+        model, state = load_for_resume(cfg, mcfg, RESUME_KEYS, cfg.max_steps, (cfg.data, "data_sha256", digest),
+                                       paths=("init_from", "data"))
         start_step = state["step"]
     model.to(device)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device=device, eps=cfg.adam_eps)

@@ -194,6 +194,25 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu", eps
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.startswith("cuda"))
 
 
+def prepare_for_training(model, cfg, dist, state=None, **adam):
+    """The model on its device, compiled (--compile) and wrapped in DDP when launched by torchrun,
+    and its AdamW optimizer (resumed from state["optimizer"] when resuming). Returns (model, raw,
+    opt): `model` is what the forward/backward runs through, `raw` the plain module that is saved
+    and evaluated (a compiled or DDP-wrapped module prefixes its state_dict keys)."""
+    device = dist.device
+    raw = model.to(device)
+    if cfg.compile:
+        model = torch.compile(raw)
+    if dist.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
+                    broadcast_buffers=False)
+    opt = make_optimizer(raw, cfg.lr, cfg.weight_decay, device=device, **adam)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+    return model, raw, opt
+
+
 RUN_MARKER = "run_marker"   # the first line a run writes to its metrics.jsonl
 
 
@@ -464,6 +483,43 @@ def read_train_config(out_dir):
         raise ConfigError(f"--resume=True: {path} holds a JSON {type(before).__name__}, expected the object of "
                           f"settings save_checkpoint writes")
     return before
+
+
+def load_for_resume(cfg, model_cfg, keys, max_steps, data, paths=()):
+    """--resume=True: the checkpoint in cfg.out_dir, checked against this run before any step, in
+    the order a user would fix them: the same architecture as this run's model (`model_cfg`), the
+    same settings (`keys` of train_config.json; a key an earlier run's config lacks had its
+    default then; `paths` are compared as paths: out/data == ./out/data/), the same data, and steps
+    left of `max_steps`. `data` is (what, key, now): the trainer state's extra[key] must equal
+    `now` (a checkpoint written before the check has no key: not compared); `what` names the data
+    in the error. Returns (model, trainer state)."""
+    from checkpoint import load_config, load_model
+    out = cfg.out_dir
+    state = load_trainer_state(out)
+    before = read_train_config(out)   # a broken one: an error line naming it
+    saved = load_config(out)
+    if saved != model_cfg:
+        diff = [k for k in config_dict(model_cfg) if getattr(saved, k) != getattr(model_cfg, k)]
+        raise ConfigError(f"--resume=True: the checkpoint in {out} has another architecture than this run's "
+                          f"model (--init_from={cfg.init_from}; fields that differ: {diff})")
+
+    def same(k, then, now):
+        if k in paths and isinstance(then, str) and isinstance(now, str) and then and now:
+            return os.path.normpath(then) == os.path.normpath(now)
+        return then == now
+    defaults = type(cfg)
+    changed = [f"{k}: {before.get(k, getattr(defaults, k))!r} -> {getattr(cfg, k)!r}" for k in keys
+               if not same(k, before.get(k, getattr(defaults, k)), getattr(cfg, k))]
+    if changed:
+        raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
+    what, key, now = data
+    then = state.get("extra", {}).get(key)
+    if then is not None and then != now:
+        raise ConfigError(f"--resume=True: {what} changed since the checkpoint in {out} was written"
+                          + (f" (then: {then}, now: {now})" if isinstance(now, dict) else ""))
+    if state["step"] >= max_steps:
+        raise ConfigError(f"--resume=True: {out} is already at step {state['step']} of max_steps={max_steps}")
+    return load_model(out), state
 
 
 # ------------------------------------------------------------------------------------------------

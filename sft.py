@@ -52,11 +52,10 @@ from data import (DataError, check_format, heldout_problems, load_sft_jsonl, loa
                   tokenizer_file)
 from evaluate import EVAL_SEED, chain_accuracy, describe_eval, generation_eval
 from model import CheckpointError, NonFiniteError, count_params
-from runtime import (PRECISIONS, resolve_precision, MetricsLog, autocast, chunked_cross_entropy, grad_accum_steps, grad_sync,
-                     load_trainer_state, lr_at, make_optimizer, plot_curves, read_metrics, run_main,
-                     check_heldout_size, check_out_dir, interruptible, read_train_config, auto_eval_interval,
-                     auto_seq_len, auto_total_batch,
-                     save_checkpoint, setup_dist, teardown_dist)
+from runtime import (auto_eval_interval, auto_seq_len, auto_total_batch, autocast, check_heldout_size,
+                     check_out_dir, chunked_cross_entropy, grad_accum_steps, grad_sync, interruptible,
+                     load_for_resume, lr_at, MetricsLog, plot_curves, PRECISIONS, prepare_for_training,
+                     read_metrics, resolve_precision, run_main, save_checkpoint, setup_dist, teardown_dist)
 
 
 @dataclass
@@ -385,24 +384,6 @@ RESUME_KEYS = ("init_from", "data", "seed", "seq_len", "total_batch_size", "epoc
                "warmup_frac", "min_lr_frac", "weight_decay")
 
 
-def load_for_resume(cfg, model_cfg, data_stats, max_steps):
-    """The checkpoint in out_dir, checked against this run: same architecture, same run, same data."""
-    state = load_trainer_state(cfg.out_dir)
-    before = read_train_config(cfg.out_dir)   # a broken one: an error line naming it
-    if load_config(cfg.out_dir) != model_cfg:
-        raise ConfigError(f"--resume=True: the checkpoint in {cfg.out_dir} has another architecture than "
-                          f"--init_from={cfg.init_from}")
-    changed = [f"{k}: {before.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if before.get(k) != getattr(cfg, k)]
-    if changed:
-        raise ConfigError(f"--resume=True must continue the same run, but these settings changed: {changed}")
-    if state["extra"].get("data") != data_stats:
-        raise ConfigError(f"--resume=True: the data files changed since the checkpoint in {cfg.out_dir} was written "
-                          f"(then: {state['extra'].get('data')}, now: {data_stats})")
-    if state["step"] >= max_steps:
-        raise ConfigError(f"--resume=True: {cfg.out_dir} is already at step {state['step']} of {max_steps}")
-    return load_model(cfg.out_dir), state
-
-
 def main(cfg):
     dist = setup_dist(cfg.device)
     device, master = dist.device, dist.master
@@ -461,19 +442,10 @@ def main(cfg):
 
     start_step, state = 0, None
     if cfg.resume:
-        model, state = load_for_resume(cfg, mcfg, data_stats, max_steps)
+        model, state = load_for_resume(cfg, mcfg, RESUME_KEYS, max_steps, ("the data files", "data", data_stats),
+                                       paths=("init_from",))
         start_step = state["step"]
-    model.to(device)
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if dist.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None,
-                    broadcast_buffers=False)
-    opt = make_optimizer(raw, cfg.lr, cfg.weight_decay, device=device)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    model, raw, opt = prepare_for_training(model, cfg, dist, state)   # device, compile, DDP, AdamW
     end = min(max_steps, start_step + cfg.stop_after) if cfg.stop_after else max_steps
     # Converged or not: held-out chain accuracy at 2/3 of the steps and at the end (if it still rises,
     # a later stage's gain could be more SFT's)
