@@ -3,7 +3,7 @@
 # CPU cannot show. Each step has its own time limit and a failing step does not stop the next, so
 # one bad step costs only its own minutes.
 #   1. tests/test_kernels.py on CUDA tensors: compiled kernels, bf16, autotuned tiles, torch.compile
-#   2. kernels.py --bench: fwd+bwd time and peak memory against SDPA-flash and eager (bf16)
+#   2. tools/bench_kernels.py --bench: fwd+bwd time and peak memory against SDPA-flash and eager (bf16)
 #   3. data.py + distill.py config/parent_1gpu.py for 100 steps: bf16 autocast, torch.compile, MFU
 #   4. sample.py from that checkpoint: generation with the KV cache and flash-decoding on the GPU
 # Usage: bash gpu_check.sh [all|kernels|train]    kernels = steps 1-2 (at most 8.5 minutes), train =
@@ -35,7 +35,7 @@ triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available
 if [ "$part" != train ]; then
   # -v and --durations: a run cut off at its limit still shows which test it was in, and the slow ones
   step tests 240 "$PY" -m pytest -v --durations=15 tests/test_kernels.py
-  step bench 240 "$PY" kernels.py --bench --seqlens=1024,2048,4096,8192
+  step bench 240 "$PY" tools/bench_kernels.py --bench --seqlens=1024,2048,4096,8192
 fi
 if [ "$part" != kernels ]; then
   step data 30 "$PY" data.py

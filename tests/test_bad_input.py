@@ -1,5 +1,5 @@
 """Bad input, run as a user would: every script (data.py, distill.py, sample.py, model.py,
-ranker_eval.py, kernels.py) answers each bad flag, file or checkpoint with exit status 2 and ONE
+ranker_eval.py, tools/bench_kernels.py) answers each bad flag, file or checkpoint with exit status 2 and ONE
 line `error: ...` naming the cause, never a traceback and never a silent wrong result.
 
 Each case is `python SCRIPT ARGS` with the script run as __main__. To keep the suite fast, the cases
@@ -226,14 +226,15 @@ def test_ranker_eval_and_kernels_py(world):
         ("ranker_eval.py", [out, "--temprature=1"], ["unknown key 'temprature'"]),
         ("ranker_eval.py", [f"--out_dir={d / 'a_file'}"], ["--out_dir=", "not a folder"]),
         ("ranker_eval.py", ["--out_dir=/proc/nanonemotron"], ["--out_dir=/proc/nanonemotron", "not writable"]),
-        ("kernels.py", [], ["nothing to do"]),
-        ("kernels.py", ["--compile_check", "--seqlens=1,x"], ["--seqlens="]),
-        ("kernels.py", ["--bench", "--dtype=int8"], ["--dtype='int8'"]),
-        ("kernels.py", ["--bench", "--tokens=0"], ["--tokens=0"]),
-        ("kernels.py", ["--sequence=4"], ["unknown key 'sequence'"]),
+        ("kernels.py", ["--bench"], ["no command line", "tools/bench_kernels.py"]),   # moved: says where
+        ("tools/bench_kernels.py", [], ["nothing to do"]),
+        ("tools/bench_kernels.py", ["--compile_check", "--seqlens=1,x"], ["--seqlens="]),
+        ("tools/bench_kernels.py", ["--bench", "--dtype=int8"], ["--dtype='int8'"]),
+        ("tools/bench_kernels.py", ["--bench", "--tokens=0"], ["--tokens=0"]),
+        ("tools/bench_kernels.py", ["--sequence=4"], ["unknown key 'sequence'"]),
     ]
     if not torch.cuda.is_available():
-        cases.append(("kernels.py", ["--bench"], ["--bench needs a CUDA GPU"]))
+        cases.append(("tools/bench_kernels.py", ["--bench"], ["--bench needs a CUDA GPU"]))
     run_cases(cases)
     assert not os.path.exists(d / "ranker_out")
 
@@ -248,7 +249,7 @@ def test_real_processes(world):
                            timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
-    scripts = ("data.py", "distill.py", "sample.py", "ranker_eval.py", "kernels.py")   # --help everywhere
+    scripts = ("data.py", "distill.py", "sample.py", "ranker_eval.py", "tools/bench_kernels.py")   # --help everywhere
     r = subprocess.run([sys.executable, HARNESS], input=json.dumps([[s, ["--help"]] for s in scripts]), cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)
     for script, res in zip(scripts, json.loads(r.stdout.strip().splitlines()[-1])):

@@ -20,8 +20,12 @@ import torch
 import kernels
 from configurator import ConfigError, parse_config
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "tools", "bench_kernels.py"))
+bench_kernels = importlib.util.module_from_spec(_spec)   # tools/ is not a package: loaded by path
+_spec.loader.exec_module(bench_kernels)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
     DEV == "cpu" and not kernels.INTERPRET,
     reason="Triton kernels on CPU need TRITON_INTERPRET=1 before import (tests/conftest.py sets it)")
@@ -207,7 +211,7 @@ def test_attention_autotune_pruning():
 @pytest.mark.skipif(DEV == "cpu", reason="autotuning needs a GPU")
 def test_autotuned_kernels_on_gpu(monkeypatch):
     # The rest of the suite runs fixed blocks on a GPU (tests/conftest.py); here the autotuner
-    # picks among its real tiles, on the shapes of `python kernels.py --bench` (whose compiles
+    # picks among its real tiles, on the shapes of `python tools/bench_kernels.py --bench` (whose compiles
     # this warms), and every kernel is checked against the reference.
     monkeypatch.setattr(kernels, "AUTOTUNE", True)
     check_attention(kernels, 1, 16, 16, 1024, 128, True, None, dtype=torch.bfloat16)
@@ -512,7 +516,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_command_line():
-    parse = lambda *a: parse_config(kernels.BenchConfig, kernels.cli_args(list(a)))
+    parse = lambda *a: parse_config(bench_kernels.BenchConfig, bench_kernels.cli_args(list(a)))
     with pytest.raises(ConfigError, match="unknown key 'sequence'.*valid keys: .*bench"):
         parse("--sequence=4")
     with pytest.raises(ConfigError, match="nothing to do"):
@@ -524,12 +528,12 @@ def test_command_line():
     assert parse("--bench").bench and parse("--compile_check=True").compile_check
     if DEV == "cpu":
         with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-            kernels.main(parse("--bench"))
+            bench_kernels.main(parse("--bench"))
 
 
-@pytest.mark.skipif(DEV == "cuda", reason="with a GPU, run the real thing: python kernels.py --bench")
+@pytest.mark.skipif(DEV == "cuda", reason="with a GPU, run the real thing: python tools/bench_kernels.py --bench")
 def test_bench_dry_run_on_cpu(monkeypatch, capsys):
-    # `python kernels.py --bench` only runs on a GPU, where a session has minutes, not hours: run the
+    # `python tools/bench_kernels.py --bench` only runs on a GPU, where a session has minutes, not hours: run the
     # whole function here on tiny shapes, with the CUDA timers and memory counters stubbed, so a typo
     # or a wrong table cannot waste that time.
     import triton.testing
@@ -548,10 +552,10 @@ def test_bench_dry_run_on_cpu(monkeypatch, capsys):
                         ("max_memory_allocated", 3 * 2 ** 20), ("empty_cache", None), ("get_device_name", "CPU")]:
         monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    cfg = parse_config(kernels.BenchConfig, ["--bench=True", "--seqlens=17,33", "--head_dims=32", "--tokens=34", "--model_dim=64",
+    cfg = parse_config(bench_kernels.BenchConfig, ["--bench=True", "--seqlens=17,33", "--head_dims=32", "--tokens=34", "--model_dim=64",
                                "--hidden_sizes=48", "--batch=1", "--dtype=float32"])
     before = {n: kernels.TRITON_CALLS[n] for n in ("attention_bwd", "swiglu_bwd", "rms_norm_bwd")}
-    kernels.bench(cfg, device="cpu")
+    bench_kernels.bench(cfg, device="cpu")
     out = capsys.readouterr().out
     assert all(kernels.TRITON_CALLS[n] > before[n] for n in before), "the Triton side must run the kernels"
     tables = [block.splitlines() for block in out.split("\n\n")[1:]]
@@ -571,12 +575,12 @@ def test_kernels_compile_for_h100():
     # No GPU needed: ptxas builds each kernel for sm_90; a typo in a compiled-only code path (the
     # interpreter is lenient about types) or a tile too big for shared memory shows up here.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "kernels.py"), "--compile_check"], env=env,
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_kernels.py"), "--compile_check"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line.split() for line in out.stdout.splitlines() if "regs" in line and "spilled" in line]
     names = {parts[0] for parts in lines}
-    assert names == {spec[0] for spec in kernels._compile_specs()}, out.stdout
+    assert names == {spec[0] for spec in bench_kernels._compile_specs()}, out.stdout
     for parts in lines:
         shared = int(parts[6])
         assert 0 <= shared <= 227 * 1024, parts   # H100/H200: at most 227 KiB per block
