@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -328,6 +329,25 @@ def atomic_write(path, content):
             os.remove(tmp)
         raise
     fsync_dir(folder)
+
+
+def atomic_dir(folder, write):
+    """write(tmp_folder), then swap it in for `folder` with two renames (the old folder is removed
+    only after the new one is in place): a write that fails or is killed leaves `folder` as it was."""
+    folder = os.path.abspath(folder)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{os.path.basename(folder)}.tmp-")
+    old = f"{tmp}.old"
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)   # mkdtemp's 0700 would make checkpoints unreadable to other users
+        if os.path.exists(folder):
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        fsync_dir(os.path.dirname(folder))
+    finally:
+        for p in (tmp, old):
+            if os.path.exists(p):
+                shutil.rmtree(p)
 
 
 def fsync_dir(folder):

@@ -32,24 +32,31 @@ each resumable from what the earlier ones saved:
   then heal the child with global KD:
     python distill.py --init_from=out/puzzle/child --teacher=out/parent --out_dir=out/child
 
-Reads: --parent (any Llama folder model.py loads: native or Hugging Face, with its tokenizer or
-the one in --data_dir) and token shards from --data_dir (data.py). Writes under --out_dir:
-  library.safetensors + library.json   candidate weights, their BLD losses (initial, final)
-  scores.json, costs.json, mip.json    replace-1-block KL, measured costs, MIP solutions
-  child/, homogeneous/ (+ child_hf/)   native checkpoint folders with the tokenizer (DeciLM export)
-  assemble.json, layout.txt, layout.png, bld.txt, bld_loss.png, metrics.jsonl
-Every file is written to a temporary name and renamed (folders too), so a crash leaves the
+Reads: --parent (any Llama folder checkpoint.py loads: native or Hugging Face, with its tokenizer
+or the one in --data_dir) and token shards from --data_dir (data.py). Writes under --out_dir the
+library, scores, costs, MIP solutions, the child/ and homogeneous/ checkpoint folders, the layout
+table and picture (the file list, the stage cache and every table: puzzle_io.py). A crash leaves the
 previous stage's results loadable; --stage=all redoes what is missing or was made with other
 settings, --force=True redoes everything.
+
+Where this simplifies the paper:
+  - the MIP bounds the decode step time at one batch size and context on this machine and/or the
+    memory (the paper also bounds throughput and latency across serving scenarios, prefill in);
+  - the search space is the paper's per-layer menu (KV heads, SwiGLU at 87-10% width, linear,
+    no_op) at the sizes a nano parent allows; every candidate keeps the parent's hidden size;
+  - BLD trains all candidates together from one parent pass per batch (each from the parent's
+    own input to its sub-block; their losses are summed, which trains each as alone), on 65k
+    tokens by default where the paper uses ~0.5-1B;
+  - costs are measured on probe models (every layer holds the candidate) and summed, not measured
+    per layer in place; the assembled child is re-timed against the parent before it is accepted;
+  - FFN Fusion fuses runs of FFNs that the MIP left without attention between them, chosen by the
+    paper's dependency measure with one threshold.
 """
 import dataclasses
-import json
 import math
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -59,17 +66,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_config, load_model, save_model
-from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
-                          check_out_dir, run_main)
-from data import load_token_shards, load_tokenizer
+from checkpoint import load_config, load_model
+from configurator import (ConfigError, atomic_write, check, check_choice, check_positive, check_range, check_readable,
+                          check_out_dir, run_main, write_json)
 from evaluate import bench_decode_many
 from model import (BlockConfig, DecoderLayer, NonFiniteError, Transformer, kv_bytes_per_token, layer_params,
                    rope_cos_sin)
-from runtime import (MetricsLog, autocast, chunked_kl, lr_at, make_optimizer, plot_curves, read_metrics,
-                     setup_dist, step_offsets, teardown_dist, windows)
+from puzzle_io import (STAGES, StageCache, assemble_summary, cost_table, draw_layout, layout_table,
+                       library_key, load_data, mip_report, out_paths, parent_tokenizer, save_checkpoint_folder,
+                       save_library, score_table, stage_settings)
+from runtime import (MetricsLog, autocast, chunked_kl, lr_at, make_optimizer, setup_dist, step_offsets,
+                     teardown_dist, windows)
 
-STAGES = ("library", "score", "cost", "mip", "assemble")
 SUBS = ("attention", "ffn")
 
 
@@ -557,64 +565,17 @@ def library_record(space, init_loss, final_loss, n_layers):
     return rec
 
 
-def bld_table(lib):
-    lines = [f"{'layer':>5} {'sub-block':<9} {'candidate':<12} {'init':>8} {'final':>8}"]
-    for sub in SUBS:
-        for l, row in enumerate(lib["candidates"][sub]):
-            for name, r in row.items():
-                if r["trained"]:
-                    lines.append(f"{l:>5} {sub:<9} {name:<12} {r['init_loss']:>8.4f} {r['final_loss']:>8.4f}")
-    trained = [r for sub in SUBS for row in lib["candidates"][sub] for r in row.values() if r["trained"]]
-    lower = sum(r["final_loss"] < r["init_loss"] for r in trained)
-    lines.append(f"normalised MSE (held out) lowered by BLD for {lower} of {len(trained)} candidates")
-    return "\n".join(lines)
-
-
-def run_library(cfg, pcfg, parent, space, data, dist, log, paths, settings):
-    cands, init_loss, final_loss, info = train_library(cfg, pcfg, parent, space, data["train"], data["val"],
-                                                       data["bos_id"], dist, log)
-    lib = {"id": secrets.token_hex(8), "settings": settings, "space": space,
-           "candidates": library_record(space, init_loss, final_loss, pcfg.num_hidden_layers), "bld": info}
-    tensors = {f"layers.{l}.{sub}.{name}.{p}": t.detach().float().cpu().contiguous()
+def run_library(run, settings, state):
+    cands, init_loss, final_loss, info = train_library(run.cfg, run.pcfg, run.parent, run.space, run.data["train"],
+                                                       run.data["val"], run.data["bos_id"], run.dist, run.log)
+    lib = {"id": secrets.token_hex(8), "settings": settings, "space": run.space,
+           "candidates": library_record(run.space, init_loss, final_loss, run.pcfg.num_hidden_layers), "bld": info}
+    tensors = {library_key(l, sub, name) + p: t.detach().float().cpu().contiguous()
                for (l, sub, name), mod in cands.items() for p, t in mod.state_dict().items()}
-    if dist.master:
-        from safetensors.torch import save_file
-        atomic_write(paths["library_weights"], lambda p: save_file(tensors, p, {"library_id": lib["id"]}))
-        write_json(paths["library"], lib)
-        atomic_write(paths["bld_table"], lambda p: open(p, "w").write(bld_table(lib) + "\n"))
-        for sub in SUBS:
-            for l, row in enumerate(lib["candidates"][sub]):
-                for name, r in row.items():
-                    if r["trained"]:
-                        log.log(stage="library", layer=l, sub=sub, candidate=name, init_loss=r["init_loss"],
-                                final_loss=r["final_loss"])
-        rows = [r for r in read_metrics(log.path) if r.get("stage") == "library" and "bld_train_loss" in r]
-        rows = rows[-info["steps"]:] if info["steps"] else []
-        if rows:
-            plot_curves(paths["bld_plot"], rows, ["bld_train_loss", "bld_train_loss_max"],
-                        title="BLD: normalised MSE per step (mean / max over candidates)")
-        print(bld_table(lib))
+    if run.dist.master:
+        save_library(run.paths, lib, tensors, run.log, info["steps"])
     lib["tensors"] = tensors
     return lib
-
-
-def load_library_tensors(paths, lib):
-    from safetensors import safe_open
-    f = paths["library_weights"]
-    if not os.path.isfile(f):
-        raise ConfigError(f"{f} is missing (library.json is there): redo the library with --stage=library")
-    from safetensors import SafetensorError
-    try:
-        with safe_open(f, framework="pt") as sf:
-            if (sf.metadata() or {}).get("library_id") != lib["id"]:
-                raise ConfigError(f"{f} does not belong to {paths['library']} (another run wrote it): "
-                                  f"redo the library with --stage=library")
-            return {k: sf.get_tensor(k) for k in sf.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{f}: truncated or not a safetensors file ({str(e).strip()[:160]}): redo the library "
-                          f"with --stage=library") from None
 
 
 def library_modules(pcfg, lib, device):
@@ -626,7 +587,7 @@ def library_modules(pcfg, lib, device):
             for name, r in row.items():
                 if r["trained"]:
                     mod = sub_block(pcfg, sub, specs[name])
-                    prefix = f"layers.{l}.{sub}.{name}."
+                    prefix = library_key(l, sub, name)
                     mod.load_state_dict({p: lib["tensors"][prefix + p] for p in mod.state_dict()}, strict=True)
                     mods[(l, sub, name)] = mod.to(device).eval().requires_grad_(False)
     return mods
@@ -665,34 +626,24 @@ def replace1_kl_scores(parent, space, mods, batches, dist, progress=None):
     return {k: float(s) / n_tok for k, s in zip(keys, sums)}
 
 
-def run_score(cfg, pcfg, parent, space, data, dist, log, paths, settings, lib):
-    mods = library_modules(pcfg, lib, dist.device)
-    batches = heldout_batches(data["val"], cfg, cfg.score_tokens, SCORE_STREAM, data["bos_id"], dist.device)
+def run_score(run, settings, state):
+    cfg, dist, space = run.cfg, run.dist, run.space
+    mods = library_modules(run.pcfg, state["library"], dist.device)
+    batches = heldout_batches(run.data["val"], cfg, cfg.score_tokens, SCORE_STREAM, run.data["bos_id"], dist.device)
     with tqdm(total=len(batches), desc="replace-1-block KL", unit="batch", disable=not dist.master,
               file=sys.stderr) as bar:
-        kl = replace1_kl_scores(parent, space, mods, batches, dist, bar)
-    scores = {sub: [{space[sub][0]["name"]: 0.0} for _ in range(pcfg.num_hidden_layers)] for sub in SUBS}
+        kl = replace1_kl_scores(run.parent, space, mods, batches, dist, bar)
+    scores = {sub: [{space[sub][0]["name"]: 0.0} for _ in range(run.pcfg.num_hidden_layers)] for sub in SUBS}
     for (l, sub, name), v in kl.items():
         scores[sub][l][name] = v
     res = {"id": secrets.token_hex(8), "settings": settings, "scores": scores,
            "tokens": sum(x.numel() for x, _, _ in batches)}
     if dist.master:
-        write_json(paths["score"], res)
+        write_json(run.paths["score"], res)
         for (l, sub, name), v in kl.items():
-            log.log(stage="score", layer=l, sub=sub, candidate=name, kl=v)
+            run.log.log(stage="score", layer=l, sub=sub, candidate=name, kl=v)
         print(score_table(space, scores))
     return res
-
-
-def score_table(space, scores):
-    lines = []
-    for sub in SUBS:
-        names = [s["name"] for s in space[sub]]
-        lines.append(f"replace-1-block KL of the {sub} candidates (nats per token):")
-        lines.append(f"{'layer':>5} " + " ".join(f"{n:>11}" for n in names))
-        for l, row in enumerate(scores[sub]):
-            lines.append(f"{l:>5} " + " ".join(f"{row[n]:>11.5f}" for n in names))
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -726,7 +677,8 @@ def candidate_sizes(pcfg, sub, spec):
     return layer_params(one, 0), kv_bytes_per_token(one, bytes_per_element=1)
 
 
-def run_cost(cfg, pcfg, space, device, log, paths, settings):
+def run_cost(run, settings, state):
+    cfg, pcfg, space, device = run.cfg, run.pcfg, run.space, run.dist.device
     probes = probe_configs(pcfg, space)
     L = pcfg.num_hidden_layers
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # what sample.py decodes in
@@ -786,8 +738,8 @@ def run_cost(cfg, pcfg, space, device, log, paths, settings):
     costs["parent"] = {"measured_decode_step_s": step["parent"],
                        "predicted_decode_step_s": predict(costs, parent_choice, 1)["decode_step_s"],
                        "measured_decode_tokens_per_s": res["parent"]["decode_tokens_per_s"]}
-    write_json(paths["cost"], costs)
-    log.log(stage="cost", **{k: v for k, v in costs["parent"].items()}, **costs["time"])
+    write_json(run.paths["cost"], costs)
+    run.log.log(stage="cost", **{k: v for k, v in costs["parent"].items()}, **costs["time"])
     print(cost_table(costs, space))
     return costs
 
@@ -806,26 +758,6 @@ def predict(costs, choice, bytes_per_element):
     kv = sum(c[sub][n]["kv_elements_per_token"] for sub in SUBS for n in choice[sub]) * bytes_per_element
     return {"decode_step_s": t, "params": params, "kv_bytes_per_token": kv,
             "memory_bytes": params * bytes_per_element + costs["batch_size"] * costs["context"] * kv}
-
-
-def cost_table(costs, space):
-    L = len(costs["settings"]["parent_config"]["block_configs"])
-    lines = [f"decode costs on {costs['device']} ({costs['path']}, {costs['dtype']}, {costs['threads']} threads), "
-             f"batch {costs['batch_size']}, {costs['prompt_len']}-token prompts + {costs['new_tokens']} new tokens:",
-             f"  fixed (embedding, final norm, LM head, sampling, loop): {1e3 * costs['fixed']['decode_step_s']:.3f} "
-             f"ms/step",
-             f"  {'sub-block':<9} {'candidate':<12} {'ms/step/layer':>13} {'params':>10} {'KV elem/token':>13}"]
-    for sub in SUBS:
-        for spec in space[sub]:
-            r = costs["candidates"][sub][spec["name"]]
-            lines.append(f"  {sub:<9} {spec['name']:<12} {1e3 * r['decode_step_s']:>13.4f} {r['params']:>10,} "
-                         f"{r['kv_elements_per_token']:>13}")
-    p = costs["parent"]
-    lines.append(f"  parent ({L} layers): measured {1e3 * p['measured_decode_step_s']:.3f} ms/step, predicted "
-                 f"{1e3 * p['predicted_decode_step_s']:.3f} (ratio {p['measured_decode_step_s'] / p['predicted_decode_step_s']:.3f})")
-    t = costs["time"]
-    lines.append(f"  cost stage: {t['total_s']:.1f} s = compile {t['compile_s']:.1f} s + timing {t['timing_s']:.1f} s")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -909,20 +841,17 @@ def mip_solutions(cfg, space, scores, costs, L, n_solutions):
     return solutions, parent_pred
 
 
-def run_mip(cfg, pcfg, space, log, paths, settings, scores, costs):
-    t0 = time.time()
-    solutions, parent_pred = mip_solutions(cfg, space, scores, costs, pcfg.num_hidden_layers, cfg.n_solutions)
+def run_mip(run, settings, state):
+    cfg, t0 = run.cfg, time.time()
+    solutions, parent_pred = mip_solutions(cfg, run.space, state["score"], state["cost"], run.pcfg.num_hidden_layers,
+                                           cfg.n_solutions)
     res = {"id": secrets.token_hex(8), "settings": settings, "solutions": solutions, "parent": parent_pred,
            "solve_s": time.time() - t0}
-    write_json(paths["mip"], res)
+    write_json(run.paths["mip"], res)
     for i, s in enumerate(solutions):
-        log.log(stage="mip", solution=i, score=s["score"], predicted_speedup=s["predicted_speedup"],
-                predicted_memory_bytes=s["memory_bytes"])
-    print(f"MIP ({res['solve_s']:.2f} s): {len(solutions)} solution(s)"
-          + (f" of the {cfg.n_solutions} asked (no other meets the diversity cut)" if len(solutions) < cfg.n_solutions else ""))
-    for i, s in enumerate(solutions):
-        print(f"  #{i}: score {s['score']:.5f}, predicted speed-up {s['predicted_speedup']:.3f}x, memory "
-              f"{s['memory_bytes']:,} B; attention {' '.join(s['attention'])}; ffn {' '.join(s['ffn'])}")
+        run.log.log(stage="mip", solution=i, score=s["score"], predicted_speedup=s["predicted_speedup"],
+                    predicted_memory_bytes=s["memory_bytes"])
+    print(mip_report(res, cfg.n_solutions))
     return res
 
 
@@ -1016,65 +945,6 @@ def model_kl(model, parent, batches, device):
     return total / n
 
 
-def layout_rows(mcfg):
-    rows = []
-    for i, b in enumerate(mcfg.block_configs):
-        attn = f"gqa kv{mcfg.kv_heads(i)}" if b.attention == "gqa" else b.attention
-        ffn = f"swiglu {mcfg.ffn_width(i)}" if b.ffn == "swiglu" else b.ffn
-        rows.append((attn, ffn))
-    return rows
-
-
-def layout_table(models, summary):
-    """Per layer: attention kind / KV heads and FFN width of each model, side by side."""
-    cols = [(title, layout_rows(m)) for title, m in models]
-    n = max(len(r) for _, r in cols)
-    w = 22
-    lines = [f"{'layer':>5} | " + " | ".join(f"{t:<{w}}" for t, _ in cols),
-             f"{'':>5} | " + " | ".join(f"{'attention':<10} {'ffn':<11}" for _ in cols)]
-    for i in range(n):
-        cells = [f"{r[i][0]:<10} {r[i][1]:<11}" if i < len(r) else " " * w for _, r in cols]
-        lines.append(f"{i:>5} | " + " | ".join(cells))
-    return "\n".join(lines + summary)
-
-
-def draw_layout(path, models, pcfg, titles_extra):
-    """PNG: per layer, attention kind (coloured cell, KV heads) and FFN width (bar), models side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    colors = {"gqa": "#2b6cb0", "gqa_fewer": "#90cdf4", "linear": "#ed8936", "no_op": "#e2e8f0"}
-    W = pcfg.ffn_width(0)
-    L = max(m.num_hidden_layers for _, m in models)
-    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 0.45 * L + 1.6), sharey=True)
-    for ax, (title, m), extra in zip(np.atleast_1d(axes), models, titles_extra):
-        for i, b in enumerate(m.block_configs):
-            kind = b.attention if b.attention != "gqa" else ("gqa" if m.kv_heads(i) >= pcfg.kv_heads(0) else "gqa_fewer")
-            ax.add_patch(plt.Rectangle((0, i - 0.4), 0.9, 0.8, color=colors[kind]))
-            label = {"gqa": f"kv{m.kv_heads(i)}", "gqa_fewer": f"kv{m.kv_heads(i)}", "linear": "lin", "no_op": "-"}[kind]
-            ax.text(0.45, i, label, ha="center", va="center", fontsize=8)
-            width = m.ffn_width(i) / W if b.ffn == "swiglu" else (0.05 if b.ffn == "linear" else 0)
-            ax.barh(i, 3 * width, left=1.1, height=0.8, color="#38a169" if b.ffn == "swiglu" else colors["linear"])
-            ax.text(1.15 + 3 * width, i, {"swiglu": str(m.ffn_width(i)), "linear": "lin", "no_op": "-"}[b.ffn],
-                    va="center", fontsize=8)
-        ax.set_xlim(0, 4.9)
-        ax.set_ylim(L - 0.5, -0.5)
-        ax.set_xticks([0.45, 2.6], ["attention", "FFN width"])
-        ax.set_title(f"{title}\n{extra}", fontsize=9)
-    np.atleast_1d(axes)[0].set_ylabel("layer")
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def save_checkpoint_folder(model, folder, tok, fmt="native"):
-    """model + tokenizer into `folder`, all at once: written beside it and swapped in by renames."""
-    def write(tmp):
-        save_model(model, tmp, fmt=fmt)
-        tok.save(tmp)
-    atomic_dir(folder, write)
-
-
 def time_child(cfg, parent, child):
     """The child's decode speed-up over the parent, measured now: both timed together (interleaved
     repeats) as the cost probes were, so the ratio survives a machine whose load changes."""
@@ -1118,7 +988,9 @@ def accept_child(cfg, pcfg, parent, space, lib, scores, costs, sol):
     return best[0], best[1], rounds
 
 
-def run_assemble(cfg, pcfg, parent, space, data, tok, device, log, paths, settings, lib, scores, costs, mip):
+def run_assemble(run, settings, state):
+    cfg, pcfg, parent, space, data, paths, device = run.cfg, run.pcfg, run.parent, run.space, run.data, run.paths, run.dist.device
+    lib, scores, costs, mip = (state[k] for k in ("library", "score", "cost", "mip"))
     L = pcfg.num_hidden_layers
     sol, child, rounds = accept_child(cfg, pcfg, parent, space, lib, scores, costs, mip["solutions"][0])
     control = homogeneous_control(space, scores, costs, sol, mip["parent"], L, cfg)
@@ -1143,37 +1015,20 @@ def run_assemble(cfg, pcfg, parent, space, data, tok, device, log, paths, settin
         extras.append(f"{len(info['groups'])} fused, KL {res['fusion']['kl']:.4f}")
         child = fused
     # outputs: the checkpoint folders first, assemble.json (what marks the stage done) last
-    save_checkpoint_folder(child, paths["child"], tok)
+    save_checkpoint_folder(child, paths["child"], run.tok)
     if control is not None:
-        save_checkpoint_folder(ctrl, paths["control"], tok)
+        save_checkpoint_folder(ctrl, paths["control"], run.tok)
     if cfg.export_hf:
-        save_checkpoint_folder(child, paths["child_hf"], tok, fmt="hf")
-    pc = mip["parent"]
-    summary = [f"Puzzle child: predicted decode speed-up {sol['predicted_speedup']:.3f}x, measured "
-               f"{res['child']['measured_speedup']:.3f}x "
-               f"({1e3 * sol['decode_step_s']:.3f} vs {1e3 * pc['decode_step_s']:.3f} ms/step), predicted memory "
-               f"{sol['memory_bytes']:,} B (parent {pc['memory_bytes']:,}), params {sol['params']:,} "
-               f"(parent {pc['params']:,}), summed score {sol['score']:.5f}, measured KL to the parent "
-               f"{res['child']['kl']:.5f}"]
-    if control is not None:
-        c = res["control"]
-        summary.append(f"homogeneous control ({c['attention'][0]} + {c['ffn'][0]} in every layer): predicted "
-                       f"speed-up {c['predicted_speedup']:.3f}x, memory {c['memory_bytes']:,} B, summed score "
-                       f"{c['score']:.5f}, measured KL {c['kl']:.5f}")
-    else:
-        summary.append("homogeneous control: no uniform pair is predicted as fast as the child")
-    if cfg.ffn_fusion:
-        f = res["fusion"]
-        summary.append(f"FFN Fusion: {len(f['groups'])} run(s) fused {f['groups']} -> {f['layers']} layers, "
-                       f"KL {f['kl']:.5f}")
+        save_checkpoint_folder(child, paths["child_hf"], run.tok, fmt="hf")
+    summary = assemble_summary(res, mip["parent"])
     table = layout_table(models, summary)
-    atomic_write(paths["layout"], lambda p: open(p, "w").write(table + "\n"))
+    atomic_write(paths["layout"], table + "\n")
     draw_layout(paths["layout_png"], models, pcfg, extras)
     write_json(paths["assemble"], res)
-    log.log(stage="assemble", child_kl=res["child"]["kl"], child_score=sol["score"],
-            child_predicted_speedup=sol["predicted_speedup"], child_measured_speedup=res["child"]["measured_speedup"],
-            control_kl=res["control"]["kl"] if control else None,
-            control_score=res["control"]["score"] if control else None)
+    run.log.log(stage="assemble", child_kl=res["child"]["kl"], child_score=sol["score"],
+                child_predicted_speedup=sol["predicted_speedup"], child_measured_speedup=res["child"]["measured_speedup"],
+                control_kl=res["control"]["kl"] if control else None,
+                control_score=res["control"]["score"] if control else None)
     print(table)
     print(f"child -> {paths['child']}" + (f", control -> {paths['control']}" if control else "")
           + (f", DeciLM export -> {paths['child_hf']}" if cfg.export_hf else ""))
@@ -1305,185 +1160,53 @@ def ffn_fusion(model, batches, threshold):
 
 
 # ------------------------------------------------------------------------------------------------
-# Saving and loading stage results: every file goes to a temporary name first, then a rename.
+# The run: the five stages in order, each reused from --out_dir when its settings match
+# (puzzle_io.StageCache), each reading the results of the ones before from `state`.
 
-def atomic_write(path, write):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+@dataclass
+class Run:
+    """What every stage reads: the flags, the parent's config and search space, the processes,
+    the log and the output paths; the parent, its tokenizer and the token data are loaded when
+    the first stage that needs them runs (a re-solved MIP needs none of them)."""
+    cfg: PuzzleConfig
+    pcfg: object
+    space: dict
+    dist: object
+    log: MetricsLog
+    paths: dict
+    parent: Transformer = None
+    tok: object = None
+    data: dict = None
 
-
-def atomic_dir(folder, write):
-    """write(tmp_folder), then swap it in for `folder` with two renames (the old one removed after)."""
-    folder = os.path.abspath(folder)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{os.path.basename(folder)}.tmp-")
-    old = f"{tmp}.old"
-    try:
-        write(tmp)
-        if os.path.exists(folder):
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-    finally:
-        for p in (tmp, old):
-            if os.path.exists(p):
-                shutil.rmtree(p)
+    def load_inputs(self):
+        if self.parent is None:
+            self.parent = load_model(self.cfg.parent, device=self.dist.device).eval().requires_grad_(False)
+            self.tok = parent_tokenizer(self.cfg, self.pcfg)
+            self.data = load_data(self.cfg, self.pcfg, self.tok)
 
 
-def write_json(path, obj):
-    atomic_write(path, lambda p: open(p, "w").write(json.dumps(obj, indent=1)))
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); delete it or redo the stage with --force=True") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 JSON text ({e.reason} at byte {e.start}); delete it or redo the "
-                          f"stage with --force=True") from None
-
-
-def out_paths(out_dir):
-    j = lambda *p: os.path.join(out_dir, *p)
-    return {"library": j("library.json"), "library_weights": j("library.safetensors"), "bld_table": j("bld.txt"),
-            "bld_plot": j("bld_loss.png"), "score": j("scores.json"), "cost": j("costs.json"), "mip": j("mip.json"),
-            "assemble": j("assemble.json"), "child": j("child"), "control": j("homogeneous"),
-            "child_hf": j("child_hf"), "layout": j("layout.txt"), "layout_png": j("layout.png"),
-            "metrics": j("metrics.jsonl")}
-
-
-def load_stage(name, paths):
-    """A stage's saved result, or None when it is absent."""
-    path = paths[name]
-    if not os.path.isfile(path):
-        return None
-    res = read_json(path)
-    redo = f"delete it or redo the stage with --stage={name}"
-    if not isinstance(res, dict):
-        raise ConfigError(f"{path}: holds a JSON {type(res).__name__}, not the {name} stage's result object; {redo}")
-    for key, typ in (("id", str), ("settings", dict)):
-        if not isinstance(res.get(key), typ):
-            raise ConfigError(f"{path}: field {key!r} missing or not a {typ.__name__} (not a {name} result "
-                              f"puzzle.py wrote); {redo}")
-    if name == "assemble" and not os.path.isdir(paths["child"]):
-        return None
-    return res
-
-
-# What each stage's result depends on: its flags and the ids of the results it read. A saved
-# result whose settings differ is stale: --stage=all redoes it.
-INPUTS = {"library": (), "score": ("library",), "cost": (), "mip": ("score", "cost"), "assemble": ("mip",)}
-
-
-def stage_settings(name, cfg, pcfg, space, state):
-    parent = {"parent": os.path.abspath(cfg.parent), "parent_config": pcfg.to_dict(), "space": space}
-    data = lambda which: os.path.abspath(which if os.path.isabs(which) else os.path.join(cfg.data_dir, which))
-    own = {
-        "library": {**parent, "train_data": data(cfg.train_data), "val_data": data(cfg.val_data), "seed": cfg.seed,
-                    **{k: getattr(cfg, k) for k in ("seq_len", "bld_tokens", "bld_batch_size", "bld_lr",
-                                                     "bld_warmup_steps", "bld_min_lr_frac", "bld_grad_clip",
-                                                     "linear_init", "calib_tokens", "bld_eval_tokens")}},
-        "score": {"val_data": data(cfg.val_data), "seed": cfg.seed, "seq_len": cfg.seq_len,
-                  "score_tokens": cfg.score_tokens},
-        "cost": {**parent, **{k: getattr(cfg, k) for k in ("compile", "cost_batch_size", "cost_prompt_len",
-                                                            "cost_new_tokens", "cost_repeats", "seed")},
-                 "device": cfg.device, "threads": torch.get_num_threads()},
-        "mip": {k: getattr(cfg, k) for k in ("target_speedup", "max_memory_bytes", "n_solutions", "diversity",
-                                             "bytes_per_element")},
-        "assemble": {k: getattr(cfg, k) for k in ("export_hf", "ffn_fusion", "fusion_threshold", "score_tokens",
-                                                  "seq_len", "seed")},
-    }[name]
-    own["inputs"] = {i: state[i]["id"] for i in INPUTS[name]}
-    return json.loads(json.dumps(own))
-
-
-def parent_tokenizer(cfg, pcfg):
-    """The parent's own tokenizer (a Hugging Face folder brings one), else the data's."""
-    for where in (cfg.parent, cfg.data_dir):
-        try:
-            tok = load_tokenizer(where)
-        except FileNotFoundError:
-            continue
-        if tok.n_vocab > pcfg.vocab_size:
-            raise ConfigError(f"the tokenizer in {where} has {tok.n_vocab} tokens but the parent's vocabulary "
-                              f"is {pcfg.vocab_size}")
-        return tok
-    raise ConfigError(f"no tokenizer.model in --parent={cfg.parent} or --data_dir={cfg.data_dir}")
-
-
-def load_data(cfg, pcfg, tok):
-    out = {"bos_id": tok.bos_id}
-    for key, name in (("train", cfg.train_data), ("val", cfg.val_data)):
-        folder = name if os.path.isabs(name) else os.path.join(cfg.data_dir, name)
-        arr = load_token_shards(folder, n_vocab=pcfg.vocab_size)
-        index = read_json(os.path.join(folder, "index.json"))
-        if index["bos_id"] != tok.bos_id:
-            raise ConfigError(f"{folder} was tokenized with another tokenizer (bos_id {index['bos_id']}, the "
-                              f"parent's tokenizer has {tok.bos_id})")
-        if len(arr) < cfg.seq_len + 2:
-            raise ConfigError(f"{folder} holds {len(arr)} tokens, fewer than one window of --seq_len={cfg.seq_len}")
-        out[key] = arr
-    return out
+RUN_STAGE = {"library": run_library, "score": run_score, "cost": run_cost, "mip": run_mip, "assemble": run_assemble}
 
 
 def main(cfg):
     dist = setup_dist(cfg.device)
-    device, master = dist.device, dist.master
     torch.manual_seed(cfg.seed)
     pcfg = load_config(cfg.parent)
     space = search_space(pcfg, cfg)
     paths = out_paths(cfg.out_dir)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log = MetricsLog(paths["metrics"], enabled=master, append=True)
-    parent = None
-    tok = data = None
-    first = 0 if cfg.stage == "all" else STAGES.index(cfg.stage)
-    last = STAGES.index(cfg.until)
-    state, times = {}, {}
-    t_all = time.time()
-    for i, name in enumerate(STAGES[:last + 1]):
-        if not master and name not in ("library", "score"):
+    run = Run(cfg, pcfg, space, dist, MetricsLog(paths["metrics"], enabled=dist.master, append=True), paths)
+    cache = StageCache(cfg, paths, dist.master)
+    state, times, t_all = {}, {}, time.time()
+    for name in STAGES[:STAGES.index(cfg.until) + 1]:
+        if not dist.master and name not in ("library", "score"):
             break  # cost, MIP and assembly run on the master process alone
-        saved = load_stage(name, paths)
-        want = stage_settings(name, cfg, pcfg, space, state)
-        if cfg.stage == "all":
-            redo = cfg.force or saved is None or saved.get("settings") != want
-            if saved is not None and redo and not cfg.force and master:
-                before = saved.get("settings") or {}
-                changed = sorted(k for k in set(want) | set(before) if want.get(k) != before.get(k))
-                print(f"[puzzle] {name}: the saved result was made with other settings ({', '.join(changed)}): "
-                      f"redoing it", file=sys.stderr)
-        else:
-            redo = i >= first
-        if not redo:
-            if saved is None:
-                raise ConfigError(f"--stage={cfg.stage} needs the {name} stage's results, which are not in "
-                                  f"{cfg.out_dir}: run --stage=all first")
-            for inp in INPUTS[name]:
-                if (saved.get("settings") or {}).get("inputs", {}).get(inp) != state[inp]["id"]:
-                    raise ConfigError(f"{paths[name]} was made from another {inp} result than the one in "
-                                      f"{cfg.out_dir}: redo it with --stage={name}")
-            if name == "library":
-                saved["tensors"] = load_library_tensors(paths, saved)
-            if name == "cost" and saved["settings"].get("space") != state["library"]["space"]:
-                raise ConfigError(f"{paths['cost']} measured another search space than the library's: "
-                                  f"redo it with --stage=cost")
+        settings = stage_settings(name, cfg, pcfg, space, state)
+        saved = cache.reuse(name, settings, state)
+        if saved is not None:
             state[name] = saved
-            if master:
-                print(f"[puzzle] {name}: using the saved result in {cfg.out_dir}", file=sys.stderr)
             continue
-        if parent is None:
-            parent = load_model(cfg.parent, device=device).eval().requires_grad_(False)
-            tok = parent_tokenizer(cfg, pcfg)
-            data = load_data(cfg, pcfg, tok)
+        run.load_inputs()
         if name in ("mip", "assemble") and "library" in state and state["library"]["space"] != space:
             # never silently reuse a library made for other flags: the MIP would solve another space
             raise ConfigError(f"--stage={cfg.stage}: the saved library in {cfg.out_dir} was built for another search "
@@ -1492,24 +1215,14 @@ def main(cfg):
                               f"({describe_space_diff(state['library']['space'], space)}); pass the flags it was made "
                               f"with, or redo it with --stage=library (or --stage=all)")
         t0 = time.time()
-        if name == "library":
-            state[name] = run_library(cfg, pcfg, parent, space, data, dist, log, paths, want)
-        elif name == "score":
-            state[name] = run_score(cfg, pcfg, parent, space, data, dist, log, paths, want, state["library"])
-        elif name == "cost":
-            state[name] = run_cost(cfg, pcfg, space, device, log, paths, want)
-        elif name == "mip":
-            state[name] = run_mip(cfg, pcfg, space, log, paths, want, state["score"], state["cost"])
-        else:
-            state[name] = run_assemble(cfg, pcfg, parent, space, data, tok, device, log, paths, want,
-                                       state["library"], state["score"], state["cost"], state["mip"])
+        state[name] = RUN_STAGE[name](run, settings, state)
         times[name] = time.time() - t0
         if dist.ddp:
             torch.distributed.barrier()
-        if master:
+        if dist.master:
             print(f"[puzzle] {name}: {times[name]:.1f} s", file=sys.stderr)
-            log.log(stage=name, time_s=times[name])
-    if master and times:
+            run.log.log(stage=name, time_s=times[name])
+    if dist.master and times:
         print(f"[puzzle] done in {time.time() - t_all:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
               + f") -> {cfg.out_dir}", file=sys.stderr)
     teardown_dist(dist)

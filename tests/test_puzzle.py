@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import puzzle
+import puzzle_io
 from checkpoint import load_config, load_model, save_model
 from data import DataConfig, load_tokenizer, prepare
 from model import BlockConfig, ModelConfig, Transformer, count_params, kv_bytes_per_token
@@ -186,8 +187,8 @@ def test_bld_lowers_every_candidates_loss(world, tmp_path):
     cfg = cfg_for(world, tmp_path, "--bld_tokens=4096", "--bld_lr=5e-4")
     pcfg = load_config(world["parent"])
     parent = load_model(world["parent"]).eval().requires_grad_(False)
-    tok = puzzle.parent_tokenizer(cfg, pcfg)
-    data = puzzle.load_data(cfg, pcfg, tok)
+    tok = puzzle_io.parent_tokenizer(cfg, pcfg)
+    data = puzzle_io.load_data(cfg, pcfg, tok)
     space = puzzle.search_space(pcfg, cfg)
     log = puzzle.MetricsLog(str(tmp_path / "m.jsonl"))
     cands, init, final, info = puzzle.train_library(cfg, pcfg, parent, space, data["train"], data["val"],
@@ -369,7 +370,7 @@ def test_end_to_end_resolve_and_errors(world, tmp_path):
     assert len(asm["retime"]) == 1 and asm["child"]["measured_speedup"] == asm["retime"][0]["measured_speedup"] > 0
     assert child.config.num_hidden_layers == 3 - sum(len(g) - 1 for g in asm["fusion"]["groups"])
     hf = load_model(str(out / "child_hf"))  # the DeciLM export: the same layers, the same function
-    assert puzzle.layout_rows(hf.config) == puzzle.layout_rows(child.config)
+    assert puzzle_io.layout_rows(hf.config) == puzzle_io.layout_rows(child.config)
     assert torch.allclose(hf(torch.tensor([[1, 2, 3]])), child(torch.tensor([[1, 2, 3]])), atol=1e-6)
     assert len(child.generate([[1, 2, 3]], 4, temperature=0.0)[0]) == 4
     assert load_model(str(out / "homogeneous")).config.num_hidden_layers == 3
