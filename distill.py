@@ -34,10 +34,10 @@ from checkpoint import load_config, load_model
 from configurator import (check, check_choice, check_positive, check_range, check_readable)
 from data import load_token_shards, load_tokenizer
 from model import ModelConfig, NonFiniteError, Transformer, count_params
-from runtime import (auto_eval_interval, auto_seq_len, auto_total_batch, autocast, check_out_dir,
+from runtime import (all_sum, auto_eval_interval, auto_seq_len, auto_total_batch, autocast, check_out_dir,
                      chunked_cross_entropy, chunked_kl, ConfigError, grad_accum_steps, grad_sync,
                      interruptible, load_for_resume, lr_at, MetricsLog, plot_curves, PRECISIONS,
-                     prepare_for_training, read_metrics, resolve_precision, run_main, save_checkpoint,
+                     prepare_for_training, read_metrics, resolve_precision, run_main, save_checkpoint, set_lr,
                      setup_dist, step_offsets, teardown_dist, windows)
 
 
@@ -414,14 +414,12 @@ def main(cfg):
             log.log(step=step, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map, val_mask))
         t0 = time.time()
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         logged = step_gradients(model, teacher, train, step, cfg, dist, accum, tok.bos_id, layer_map, weights,
                                 train_mask)
         names = sorted(logged)
         means = torch.stack([logged[k] for k in names])
-        if dist.ddp:  # every process holds its share of the global mean
-            torch.distributed.all_reduce(means)
+        all_sum(dist, means)   # every process holds its share of the global mean
         logged = dict(zip(names, means.tolist()))
         if not all(np.isfinite(v) for v in logged.values()):
             raise NonFiniteError(nonfinite_message(f"the loss is not finite ({logged})", step, start_step, raw, cfg))

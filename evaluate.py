@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from data import ADD_TASK, has_think_block, verify
+from data import ADD_TASK, has_think_block, heldout_problems, verify
 
 
 def render_for_eval(tok, problems, reasoning):
@@ -90,6 +90,17 @@ def evaluate_problems(model, tok, problems, reasoning, max_new_tokens=128, batch
 # "val" split (seed EVAL_SEED, whatever the run's seed), so runs with other seeds or settings are
 # compared on the same problems, in both reasoning modes, greedy.
 EVAL_SEED = 1337
+
+
+def stage_eval_problems(n):
+    """The n problems of a stage's periodic evaluation (--eval_problems; 0: none)."""
+    from configurator import ConfigError
+    if not n:
+        return []
+    try:
+        return heldout_problems("val", n, EVAL_SEED)
+    except ValueError as e:
+        raise ConfigError(f"--eval_problems={n}: {e}") from None
 
 
 def generation_eval(model, tok, problems, max_new_tokens, compile=False):

@@ -49,7 +49,6 @@ train_config.json, prefilter.jsonl (every prefiltered prompt with its pass rate 
 kept: a valid --data file that skips the sampling), metrics.jsonl, reward.png (rollout rewards and
 held-out accuracy per step), eval.png (held-out accuracy and think rates, by chain length k).
 """
-import contextlib
 import hashlib
 import json
 import math
@@ -66,13 +65,13 @@ from tqdm import tqdm
 
 from checkpoint import load_config, load_model
 from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable)
-from data import (DataError, check_format, heldout_problems, load_rl_jsonl, load_tokenizer,
-                  tokenizer_file, verify)
-from evaluate import EVAL_SEED, describe_eval, generation_eval
+from data import DataError, check_format, load_rl_jsonl, load_tokenizer, tokenizer_file, verify
+from evaluate import describe_eval, generation_eval, stage_eval_problems
 from model import NonFiniteError, count_params
-from runtime import (atomic_write, auto_eval_interval, check_heldout_size, check_out_dir, interruptible,
-                     load_for_resume, LOGITS_CHUNK_ELEMENTS, lr_at, make_optimizer, MetricsLog, pick_device,
-                     plot_curves, read_metrics, run_main, save_checkpoint, setup_dist, teardown_dist)
+from runtime import (all_sum, atomic_write, auto_eval_interval, check_heldout_size, check_out_dir,
+                     check_vocab, interruptible, load_for_resume, LOGITS_CHUNK_ELEMENTS, lr_at,
+                     make_optimizer, MetricsLog, PhaseClock, pick_device, plot_curves, read_metrics, run_main,
+                     save_checkpoint, set_lr, setup_dist, teardown_dist)
 
 
 @dataclass
@@ -289,6 +288,20 @@ def load_prompts(path):
     return rows
 
 
+def check_context(cfg, tok, rows, context):
+    """Every prompt and its longest response fit the model's context: the bad row or flag named."""
+    lengths = [len(tok.render_prompt(r["prompt"], "on")) for r in rows]
+    longest = max(lengths)
+    if longest + cfg.max_new_tokens - 1 > context:
+        from data import _read_jsonl
+        lineno = [n for n, _ in _read_jsonl(cfg.data)][lengths.index(longest)]
+        if longest >= context:   # the prompt alone fills the context: the row is bad
+            raise DataError(f"{cfg.data}:{lineno}: the prompt is {longest} tokens, longer than the model's "
+                            f"context of {context} (--init_from={cfg.init_from})")
+        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens}: the longest prompt of {cfg.data} (line {lineno}) "
+                          f"has {longest} tokens, and the model's context is {context}")
+
+
 def file_digest(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -363,8 +376,7 @@ def prefilter(model, tok, rows, cfg, dist, say):
                 rate = {}
             for k, i in enumerate(idx):
                 passes[j, k] = rows[i].get("pass_rate", rate.get(i, float("nan")))
-        if dist.ddp:  # every process learns every chunk's pass rates (others hold zeros there)
-            torch.distributed.all_reduce(passes)
+        all_sum(dist, passes)   # every process learns every chunk's pass rates (others hold zeros there)
         for j, c in enumerate(span):
             idx = order[c * per_chunk:(c + 1) * per_chunk]
             for k, i in enumerate(idx):
@@ -405,6 +417,39 @@ def pass_at_k(rows, scanned, n_samples):
             out[f"pass_at_1{tag}"] = float(np.mean(rates))
             out[f"pass_at_{n_samples}{tag}"] = float(np.mean([r > 0 for r in rates]))
     return out
+
+
+def prefilter_pool(model, tok, rows, cfg, dist, say, log, clock):
+    """prefilter, its file (prefilter.jsonl: a valid --data file) and its report: how many prompts
+    were kept, the starting policy's pass@1 / pass@G per chain length."""
+    with clock("prefilter"):
+        pool, scanned, stats = prefilter(model, tok, rows, cfg, dist, say)
+    if dist.master:
+        write_prefilter(os.path.join(cfg.out_dir, "prefilter.jsonl"), rows, scanned)
+    kept_rates = [r for _, r in pool if r is not None]
+    say(f"prefilter: {stats['prefilter_scanned']} prompts scanned ({stats['prefilter_sampled']} sampled x "
+        f"{cfg.prefilter_samples}), {stats['prefilter_dropped']} dropped (pass rate outside [{cfg.min_pass_rate}, "
+        f"{cfg.max_pass_rate})), "
+        f"{len(pool)} kept (mean pass rate {np.mean(kept_rates) if kept_rates else float('nan'):.3f}) "
+        f"in {clock.last['prefilter_s']:.1f} s")
+    G = cfg.prefilter_samples
+    by_k = sorted({int(k.rsplit("_k", 1)[1]) for k in stats if k.startswith("pass_at_1_k")})
+    if by_k:
+        say("starting policy on the scanned prompts: pass@1 / pass@{}: ".format(G) + ", ".join(
+            f"k={k} {stats[f'pass_at_1_k{k}']:.2f} / {stats[f'pass_at_{G}_k{k}']:.2f}" for k in by_k))
+    log.log(step=0, **stats, **clock.last,
+            pass_rate_hist=np.histogram(kept_rates, bins=8, range=(0, 1))[0].tolist() if kept_rates else [])
+    return pool
+
+
+def check_pool(pool, cfg):
+    if len(pool) < cfg.prompts_per_step:
+        raise DataError(f"{cfg.data}: {len(pool)} prompts left after prefiltering (pass rate in [--min_pass_rate="
+                        f"{cfg.min_pass_rate}, --max_pass_rate={cfg.max_pass_rate})), fewer than --prompts_per_step="
+                        f"{cfg.prompts_per_step}")
+    if cfg.curriculum and any(r is None for _, r in pool):
+        raise ConfigError("--curriculum=True needs a pass rate for every prompt: set --prefilter_samples > 0 or give "
+                          "the rows a pass_rate (or --curriculum=False)")
 
 
 def rollout_bucket(row, start_rate):
@@ -474,6 +519,22 @@ def draw_batch(pool, rows, step, cfg):
 # ------------------------------------------------------------------------------------------------
 # Training on a rollout batch.
 
+def rollouts(model, tok, rows, pool_rate, idx, modes, step, cfg, dist):
+    """This process's share of the step's groups (generate call c -> process c % world), each
+    sample tagged with its bucket: what the starting policy did on its prompt."""
+    samples, group_ids = [], []
+    for c in range(dist.rank, math.ceil(cfg.prompts_per_step / cfg.gen_groups), dist.world_size):
+        groups = list(range(c * cfg.gen_groups, min((c + 1) * cfg.gen_groups, cfg.prompts_per_step)))
+        out = sample_groups(model, tok, [rows[idx[g]] for g in groups], [modes[g] for g in groups],
+                            cfg.group_size, cfg.gen_groups * cfg.group_size, cfg, chunk_seed(cfg.seed, 1, step, c))
+        for j, s in enumerate(out):
+            prompt = idx[groups[j // cfg.group_size]]
+            s["bucket"] = rollout_bucket(rows[prompt], pool_rate[prompt])
+        samples += out
+        group_ids += groups
+    return samples, group_ids
+
+
 def micro_batches(samples, size, pad_id, device):
     """Samples -> list of (x, y, mask, advantages) micro-batches of `size` sequences, prompt +
     response right-padded (causal attention: padding on the right changes nothing before it).
@@ -493,16 +554,6 @@ def micro_batches(samples, size, pad_id, device):
         adv = torch.tensor([s["advantage"] for s in part], dtype=torch.float32)[:, None]
         out.append(tuple(t.to(device) for t in (x, y, mask, adv)))
     return out
-
-
-def all_sum(dist, values, device):
-    """A dict of numbers summed over processes (every process calls with the same keys)."""
-    if not dist.ddp:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
 
 
 def sync_grads(model, dist):
@@ -556,14 +607,13 @@ def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist
                     ref[-1].append(sequence_logprobs(reference, x, y, tok.n_vocab, cfg.temperature))
     model.train()
     for u, mbs in enumerate(updates):
-        n_tokens = all_sum(dist, {"n": sum(float(m[2].sum()) for m in mbs)}, device)["n"]
+        n_tokens = all_sum(dist, {"n": sum(float(m[2].sum()) for m in mbs)})["n"]
         same["trained_tokens"] += n_tokens
         if n_tokens == 0:  # every group of this update was skipped, on every process: no step
             continue
         opt_step = step * U + u
         lr = lr_at(opt_step, cfg.max_steps * U, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr)
         for m, (x, y, mask, a) in enumerate(mbs):
             logp = sequence_logprobs(model, x, y, tok.n_vocab, cfg.temperature)
             per_token, clipped = clipped_surrogate(logp, old[u][m], a, cfg.eps_low, cfg.eps_high)
@@ -588,25 +638,74 @@ def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist
 
 
 # ------------------------------------------------------------------------------------------------
-class PhaseClock:
-    """Seconds per phase of the run (prefilter, rollout, train, eval), wall clock and CPU time of
-    this process. On a machine shared with other jobs the wall clock stretches and the CPU time
-    does not: with one thread (OMP_NUM_THREADS=1) it is what the wall clock would read alone."""
+# What a step logs, and the curves drawn from the log at the end.
 
-    def __init__(self, totals=None):
-        self.totals, self.last = dict(totals or {}), {}
+def draw_curves(cfg, rows_m, buckets, problems):
+    """reward.png (rollout accuracy per mode, held-out accuracy), reward_by_bucket.png (rollout
+    accuracy per difficulty bucket, reasoning on: the curves that show learning), eval.png."""
+    title = f"grpo.py: {cfg.out_dir}"
+    plot_curves(os.path.join(cfg.out_dir, "reward.png"), rows_m,
+                ["reward_accuracy_on", "reward_accuracy_off", "reward_format", "accuracy_on", "accuracy_off"],
+                title=title)
+    # rollout accuracy per difficulty bucket ("on" mode): the curves that show learning
+    plot_curves(os.path.join(cfg.out_dir, "reward_by_bucket.png"), rows_m,
+                [f"reward_accuracy_on_{b}" for b in buckets], title=title + " (rollouts, reasoning on)",
+                smooth=max(1, min(10, cfg.max_steps // 10)))
+    if problems:
+        ks = sorted({k for r in rows_m for k in r if k.startswith("acc_on_k")}, key=lambda k: int(k[8:]))
+        plot_curves(os.path.join(cfg.out_dir, "eval.png"), rows_m,
+                    ["accuracy_on", "accuracy_off", "think_rate_on", "think_rate_off"] + ks,
+                    title=title + " (held-out val, greedy)")
 
-    @contextlib.contextmanager
-    def __call__(self, phase):
-        wall, cpu = time.perf_counter(), time.process_time()
-        yield
-        self.last = {f"{phase}_s": time.perf_counter() - wall, f"{phase}_cpu_s": time.process_time() - cpu}
-        for k, v in self.last.items():
-            self.totals[k] = self.totals.get(k, 0.0) + v
 
-    def describe(self):
-        phases = [k[:-2] for k in self.totals if not k.endswith("_cpu_s")]
-        return ", ".join(f"{p} {self.totals[p + '_s']:.1f} s (cpu {self.totals[p + '_cpu_s']:.1f})" for p in phases)
+def rollout_sums(samples, buckets, cfg):
+    """This process's sums over its rollouts, per mode and per bucket (the same keys on every
+    process, for all_sum)."""
+    out = {}
+    for mode in ("on", "off"):
+        of = [s for s in samples if s["mode"] == mode]
+        out[f"n_{mode}"] = len(of)
+        out[f"acc_{mode}"] = sum(s["accuracy"] for s in of)
+        out[f"fmt_{mode}"] = sum(s["format"] for s in of)
+    for b in buckets:
+        of = [s for s in samples if s["bucket"] == b and s["mode"] == "on"]
+        out[f"n_{b}"], out[f"acc_{b}"] = len(of), sum(s["accuracy"] for s in of)
+    out.update(n=len(samples), accuracy=sum(s["accuracy"] for s in samples),
+               format=sum(s["format"] for s in samples),
+               reward=sum(total_reward(s, cfg.format_weight) for s in samples),
+               response_tokens=sum(len(s["response"]) for s in samples),
+               truncated=sum(s["truncated"] for s in samples))
+    return out
+
+
+def step_row(step, g, same, timed, cfg, batch_rates, modes, buckets, mu, with_reference):
+    """The step's metrics.jsonl row from the global sums `g` and the values every process shares."""
+    tokens = same["trained_tokens"]
+    per_token = lambda k: g[k] / tokens if tokens else None  # noqa: E731  (no trained token: no value)
+    # the starting model's pass rates of this batch's prompts (measured in "on" mode unless
+    # a row says otherwise): what the rollout accuracy is to be compared with, since the
+    # curriculum makes the batches harder step by step
+    rates = [r for r in batch_rates if r is not None]
+    rates_on = [r for r, m in zip(batch_rates, modes) if m == "on" and r is not None]
+    row = {"step": step + 1, "lr": same["lr"], "reward": g["reward"] / g["n"],
+           "reward_accuracy": g["accuracy"] / g["n"], "reward_format": g["format"] / g["n"],
+           **{f"reward_accuracy_{m}": g[f"acc_{m}"] / g[f"n_{m}"] for m in ("on", "off") if g[f"n_{m}"]},
+           **{f"reward_format_{m}": g[f"fmt_{m}"] / g[f"n_{m}"] for m in ("on", "off") if g[f"n_{m}"]},
+           **{f"reward_accuracy_on_{b}": g[f"acc_{b}"] / g[f"n_{b}"] for b in buckets if g[f"n_{b}"]},
+           "response_len": g["response_tokens"] / g["n"], "truncated": g["truncated"] / g["n"],
+           "skipped_groups": int(g["skipped_groups"]), "groups": cfg.prompts_per_step,
+           "updates": same["updates"], "trained_tokens": int(same["trained_tokens"]),
+           "loss": g["loss"], "clip_frac": per_token("clipped"), "kl_old": per_token("kl_old_sum"),
+           "entropy": per_token("entropy_sum"),
+           "grad_norm": float(np.mean(same["grad_norm"])) if same["grad_norm"] else None,
+           "batch_pass_rate": float(np.mean(rates)) if rates else None,
+           "batch_pass_rate_on": float(np.mean(rates_on)) if rates_on else None,
+           **timed}
+    if mu is not None:
+        row["curriculum_mu"] = mu
+    if with_reference:
+        row["kl_ref"] = per_token("kl_ref_sum")
+    return row
 
 
 # ------------------------------------------------------------------------------------------------
@@ -629,22 +728,10 @@ def main(cfg):
     tok = load_tokenizer(cfg.init_from)
     model = load_model(cfg.init_from)
     mcfg = model.config
-    if tok.n_vocab > mcfg.vocab_size:
-        raise ConfigError(f"--init_from={cfg.init_from}: the tokenizer has {tok.n_vocab} tokens but the model's "
-                          f"vocabulary is {mcfg.vocab_size}")
+    check_vocab(tok, mcfg, f"--init_from={cfg.init_from}")
     rows = load_prompts(cfg.data)
     digest = file_digest(cfg.data)
-    lengths = [len(tok.render_prompt(r["prompt"], "on")) for r in rows]
-    longest = max(lengths)
-    if longest + cfg.max_new_tokens - 1 > mcfg.max_position_embeddings:
-        from data import _read_jsonl
-        i = lengths.index(longest)
-        lineno = [n for n, _ in _read_jsonl(cfg.data)][i]
-        if longest >= mcfg.max_position_embeddings:   # the prompt alone fills the context: the row is bad
-            raise DataError(f"{cfg.data}:{lineno}: the prompt is {longest} tokens, longer than the model's "
-                            f"context of {mcfg.max_position_embeddings} (--init_from={cfg.init_from})")
-        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens}: the longest prompt of {cfg.data} (line {lineno}) "
-                          f"has {longest} tokens, and the model's context is {mcfg.max_position_embeddings}")
+    check_context(cfg, tok, rows, mcfg.max_position_embeddings)
     reference = None
     if cfg.kl_weight > 0:  # the frozen starting policy; with kl_weight 0 it is never loaded
         reference = load_model(cfg.init_from, device=device).eval().requires_grad_(False)
@@ -653,7 +740,7 @@ def main(cfg):
         model, state = load_for_resume(cfg, mcfg, RESUME_KEYS, cfg.max_steps, (cfg.data, "data_sha256", digest),
                                        paths=("init_from", "data"))
         start_step = state["step"]
-    model.to(device)
+    model.to(device)   # no DDP wrapper: train_on_rollouts sums the gradients of variable-length rollouts itself
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device=device, eps=cfg.adam_eps)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -668,37 +755,9 @@ def main(cfg):
     if state is not None:
         pool = [tuple(p) for p in state["extra"]["pool"]]
     else:
-        with clock("prefilter"):
-            pool, scanned, stats = prefilter(model, tok, rows, cfg, dist, say)
-        if master:
-            write_prefilter(os.path.join(cfg.out_dir, "prefilter.jsonl"), rows, scanned)
-        kept_rates = [r for _, r in pool if r is not None]
-        say(f"prefilter: {stats['prefilter_scanned']} prompts scanned ({stats['prefilter_sampled']} sampled x "
-            f"{cfg.prefilter_samples}), {stats['prefilter_dropped']} dropped (pass rate outside [{cfg.min_pass_rate}, "
-            f"{cfg.max_pass_rate})), "
-            f"{len(pool)} kept (mean pass rate {np.mean(kept_rates) if kept_rates else float('nan'):.3f}) "
-            f"in {clock.last['prefilter_s']:.1f} s")
-        G = cfg.prefilter_samples
-        by_k = sorted({int(k.rsplit("_k", 1)[1]) for k in stats if k.startswith("pass_at_1_k")})
-        if by_k:
-            say("starting policy on the scanned prompts: pass@1 / pass@{}: ".format(G) + ", ".join(
-                f"k={k} {stats[f'pass_at_1_k{k}']:.2f} / {stats[f'pass_at_{G}_k{k}']:.2f}" for k in by_k))
-        log.log(step=0, **stats, **clock.last,
-                pass_rate_hist=np.histogram(kept_rates, bins=8, range=(0, 1))[0].tolist() if kept_rates else [])
-    if len(pool) < cfg.prompts_per_step:
-        raise DataError(f"{cfg.data}: {len(pool)} prompts left after prefiltering (pass rate in [--min_pass_rate="
-                        f"{cfg.min_pass_rate}, --max_pass_rate={cfg.max_pass_rate})), fewer than --prompts_per_step="
-                        f"{cfg.prompts_per_step}")
-    if cfg.curriculum and any(r is None for _, r in pool):
-        raise ConfigError("--curriculum=True needs a pass rate for every prompt: set --prefilter_samples > 0 or give "
-                          "the rows a pass_rate (or --curriculum=False)")
-
-    problems = []
-    if cfg.eval_problems:
-        try:
-            problems = heldout_problems("val", cfg.eval_problems, EVAL_SEED)
-        except ValueError as e:
-            raise ConfigError(f"--eval_problems={cfg.eval_problems}: {e}") from None
+        pool = prefilter_pool(model, tok, rows, cfg, dist, say, log, clock)
+    check_pool(pool, cfg)
+    problems = stage_eval_problems(cfg.eval_problems)
 
     def run_eval(step):
         with clock("eval"):
@@ -713,99 +772,39 @@ def main(cfg):
     pool_rate = dict(pool)
     buckets = sorted({rollout_bucket(rows[i], r) for i, r in pool}, key=bucket_order)
     end = min(cfg.max_steps, start_step + cfg.stop_after) if cfg.stop_after else cfg.max_steps
-    n_chunks = math.ceil(cfg.prompts_per_step / cfg.gen_groups)
-    rows_per_call = cfg.gen_groups * cfg.group_size
     bar = tqdm(range(start_step, end), disable=not master, desc="grpo", initial=start_step, total=cfg.max_steps)
-    save = lambda s: master and save_checkpoint(cfg.out_dir, model, opt, s, cfg, tok,
+    save = lambda s: master and save_checkpoint(cfg.out_dir, model, opt, s, cfg, tok,  # noqa: E731
                                                 extra={"pool": pool, "data_sha256": digest, "timing": clock.totals})
     for step in interruptible(bar, save):   # Ctrl-C: save the last finished step, exit 130
         if master and problems and cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step:
             bar.write(f"[grpo] step {step}: {describe_eval(run_eval(step))}", file=sys.stderr)
         # 1-2. the step's prompts, then this process's generate calls (chunk c -> process c % world)
         idx, modes, mu = draw_batch(pool, rows, step, cfg)
-        samples, group_ids = [], []
         model.eval()
         with clock("rollout"):
-            for c in range(dist.rank, n_chunks, dist.world_size):
-                groups = list(range(c * cfg.gen_groups, min((c + 1) * cfg.gen_groups, cfg.prompts_per_step)))
-                out = sample_groups(model, tok, [rows[idx[g]] for g in groups], [modes[g] for g in groups],
-                                    cfg.group_size, rows_per_call, cfg, chunk_seed(cfg.seed, 1, step, c))
-                for j, s in enumerate(out):   # its bucket: what the starting policy did on the prompt
-                    s["bucket"] = rollout_bucket(rows[idx[groups[j // cfg.group_size]]], pool_rate[idx[groups[j // cfg.group_size]]])
-                samples += out
-                group_ids += groups
+            samples, group_ids = rollouts(model, tok, rows, pool_rate, idx, modes, step, cfg, dist)
         timed = dict(clock.last)
         # 3-4. rewards, advantages, updates
         with clock("train"):
             sums, same = train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist, tok, device)
         timed.update(clock.last)  # this process's times (processes run their share in parallel)
-        for mode in ("on", "off"):
-            of = [s for s in samples if s["mode"] == mode]
-            sums[f"n_{mode}"] = len(of)
-            sums[f"acc_{mode}"] = sum(s["accuracy"] for s in of)
-            sums[f"fmt_{mode}"] = sum(s["format"] for s in of)
-        for b in buckets:   # the same keys on every process (all_sum)
-            of = [s for s in samples if s["bucket"] == b and s["mode"] == "on"]
-            sums[f"n_{b}"], sums[f"acc_{b}"] = len(of), sum(s["accuracy"] for s in of)
-        sums.update(n=len(samples), accuracy=sum(s["accuracy"] for s in samples),
-                    format=sum(s["format"] for s in samples),
-                    reward=sum(total_reward(s, cfg.format_weight) for s in samples),
-                    response_tokens=sum(len(s["response"]) for s in samples),
-                    truncated=sum(s["truncated"] for s in samples))
-        g = all_sum(dist, sums, device)
+        sums.update(rollout_sums(samples, buckets, cfg))
+        g = all_sum(dist, dict(sums))
         if master and ((step + 1) % cfg.log_interval == 0 or step + 1 == end):
-            tokens = same["trained_tokens"]
-            per_token = lambda k: g[k] / tokens if tokens else None  # noqa: E731  (no trained token: no value)
-            # the starting model's pass rates of this batch's prompts (measured in "on" mode unless
-            # a row says otherwise): what the rollout accuracy is to be compared with, since the
-            # curriculum makes the batches harder step by step
-            rates = [pool_rate[i] for i in idx if pool_rate[i] is not None]
-            rates_on = [pool_rate[i] for i, m in zip(idx, modes) if m == "on" and pool_rate[i] is not None]
-            row = {"step": step + 1, "lr": same["lr"], "reward": g["reward"] / g["n"],
-                   "reward_accuracy": g["accuracy"] / g["n"], "reward_format": g["format"] / g["n"],
-                   **{f"reward_accuracy_{m}": g[f"acc_{m}"] / g[f"n_{m}"] for m in ("on", "off") if g[f"n_{m}"]},
-                   **{f"reward_format_{m}": g[f"fmt_{m}"] / g[f"n_{m}"] for m in ("on", "off") if g[f"n_{m}"]},
-                   **{f"reward_accuracy_on_{b}": g[f"acc_{b}"] / g[f"n_{b}"] for b in buckets if g[f"n_{b}"]},
-                   "response_len": g["response_tokens"] / g["n"], "truncated": g["truncated"] / g["n"],
-                   "skipped_groups": int(g["skipped_groups"]), "groups": cfg.prompts_per_step,
-                   "updates": same["updates"], "trained_tokens": int(same["trained_tokens"]),
-                   "loss": g["loss"], "clip_frac": per_token("clipped"), "kl_old": per_token("kl_old_sum"),
-                   "entropy": per_token("entropy_sum"),
-                   "grad_norm": float(np.mean(same["grad_norm"])) if same["grad_norm"] else None,
-                   "batch_pass_rate": float(np.mean(rates)) if rates else None,
-                   "batch_pass_rate_on": float(np.mean(rates_on)) if rates_on else None,
-                   **timed}
-            if mu is not None:
-                row["curriculum_mu"] = mu
-            if reference is not None:
-                row["kl_ref"] = per_token("kl_ref_sum")
+            row = step_row(step, g, same, timed, cfg, [pool_rate[i] for i in idx], modes, buckets, mu,
+                           reference is not None)
             log.log(**row)
             bar.set_postfix(acc=f"{row['reward_accuracy']:.3f}", fmt=f"{row['reward_format']:.3f}",
                             skip=row["skipped_groups"], len=f"{row['response_len']:.0f}")
-        if master and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
-            save_checkpoint(cfg.out_dir, model, opt, step + 1, cfg, tok,
-                            extra={"pool": pool, "data_sha256": digest, "timing": clock.totals})
+        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
+            save(step + 1)
     bar.close()
     if master:
-        save_checkpoint(cfg.out_dir, model, opt, end, cfg, tok,
-                        extra={"pool": pool, "data_sha256": digest, "timing": clock.totals})
+        save(end)
         if end == cfg.max_steps and problems:
             say(f"step {end}: {describe_eval(run_eval(end))}")
         log.log(step=end, **{f"total_{k}": v for k, v in clock.totals.items()}, wall_s=time.time() - t_start)
-        rows_m = read_metrics(log.path)
-        title = f"grpo.py: {cfg.out_dir}"
-        plot_curves(os.path.join(cfg.out_dir, "reward.png"), rows_m,
-                    ["reward_accuracy_on", "reward_accuracy_off", "reward_format", "accuracy_on", "accuracy_off"],
-                    title=title)
-        # rollout accuracy per difficulty bucket ("on" mode): the curves that show learning
-        plot_curves(os.path.join(cfg.out_dir, "reward_by_bucket.png"), rows_m,
-                    [f"reward_accuracy_on_{b}" for b in buckets], title=title + " (rollouts, reasoning on)",
-                    smooth=max(1, min(10, cfg.max_steps // 10)))
-        if problems:
-            ks = sorted({k for r in rows_m for k in r if k.startswith("acc_on_k")}, key=lambda k: int(k[8:]))
-            plot_curves(os.path.join(cfg.out_dir, "eval.png"), rows_m,
-                        ["accuracy_on", "accuracy_off", "think_rate_on", "think_rate_off"] + ks,
-                        title=title + " (held-out val, greedy)")
+        draw_curves(cfg, read_metrics(log.path), buckets, problems)
         say(f"saved {cfg.out_dir} at step {end}; {clock.describe()}; this invocation {time.time() - t_start:.1f} s")
     teardown_dist(dist)
 

@@ -75,8 +75,8 @@ from model import (BlockConfig, DecoderLayer, NonFiniteError, Transformer, kv_by
 from puzzle_io import (STAGES, StageCache, assemble_summary, cost_table, draw_layout, layout_table,
                        library_key, load_data, mip_report, out_paths, parent_tokenizer, save_checkpoint_folder,
                        save_library, score_table, stage_settings)
-from runtime import (MetricsLog, autocast, chunked_kl, lr_at, make_optimizer, setup_dist, step_offsets,
-                     teardown_dist, windows)
+from runtime import (all_sum, autocast, chunked_kl, lr_at, make_optimizer, MetricsLog, set_lr, setup_dist,
+                     step_offsets, teardown_dist, windows)
 
 SUBS = ("attention", "ffn")
 
@@ -466,15 +466,6 @@ def build_candidates(cfg, pcfg, parent, space, stats):
     return cands
 
 
-def _all_reduce(t, dist):
-    """Sum over processes, in place (through the process's device: NCCL reduces CUDA tensors only)."""
-    if dist.ddp:
-        on_device = t.to(dist.device)
-        torch.distributed.all_reduce(on_device)
-        t.copy_(on_device)
-    return t
-
-
 def train_library(cfg, pcfg, parent, space, train, val, bos_id, dist, log):
     device, master = dist.device, dist.master
     H = pcfg.hidden_size
@@ -510,8 +501,7 @@ def train_library(cfg, pcfg, parent, space, train, val, bos_id, dist, log):
     t0 = time.time()
     for step in tqdm(range(steps), desc="BLD", unit="step", disable=not master, file=sys.stderr):
         lr = lr_at(step, steps, cfg.bld_lr, cfg.bld_warmup_steps, cfg.bld_min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         offsets = step_offsets(len(train), cfg.seed, step, cfg.bld_batch_size, cfg.seq_len)
         step_loss = torch.zeros(len(cands), dtype=torch.float64, device=device)
         for m in range(accum):
@@ -526,12 +516,12 @@ def train_library(cfg, pcfg, parent, space, train, val, bos_id, dist, log):
             step_loss += losses.detach().double()
         if dist.ddp:  # gradients summed over processes: each already holds its share of the global loss
             flat = torch.cat([p.grad.flatten() for p in params])
-            _all_reduce(flat, dist)
+            all_sum(dist, flat)
             i = 0
             for p in params:
                 p.grad.copy_(flat[i:i + p.numel()].view_as(p))
                 i += p.numel()
-        _all_reduce(step_loss, dist)
+        all_sum(dist, step_loss)
         if not bool(torch.isfinite(step_loss).all()):
             bad = [keys[i] for i in torch.nonzero(~torch.isfinite(step_loss)).flatten().tolist()]
             raise NonFiniteError(f"BLD step {step}: non-finite loss for {bad[:4]}: training diverged; lower --bld_lr={cfg.bld_lr}")
@@ -622,7 +612,7 @@ def replace1_kl_scores(parent, space, mods, batches, dist, progress=None):
                 sums[i] += float(chunked_kl(parent.model.norm(h), W, h_parent, W))
         if progress is not None:
             progress.update(1)
-    _all_reduce(sums, dist)
+    all_sum(dist, sums)
     return {k: float(s) / n_tok for k, s in zip(keys, sums)}
 
 

@@ -81,6 +81,22 @@ def teardown_dist(dist):
         td.destroy_process_group()
 
 
+def all_sum(dist, x):
+    """x summed over processes: a tensor (in place, through the process's device: NCCL reduces
+    CUDA tensors only) or a dict of numbers (every process passes the same keys). One process: x."""
+    if not dist.ddp:
+        return x
+    if isinstance(x, dict):
+        keys = sorted(x)
+        t = all_sum(dist, torch.tensor([float(x[k]) for k in keys], dtype=torch.float64))
+        return dict(zip(keys, t.tolist()))
+    on_device = x.to(dist.device)
+    torch.distributed.all_reduce(on_device)
+    if on_device is not x:
+        x.copy_(on_device)
+    return x
+
+
 def grad_sync(model, last_micro_step):
     """Around forward + backward of one micro-step: DDP all-reduces gradients during backward,
     which only the last micro-step of an optimizer step needs; the others accumulate locally
@@ -185,6 +201,11 @@ def lr_at(step, max_steps, lr, warmup_steps, min_lr_frac=0.1):
     return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu", eps=1e-8):
     """AdamW; matrices decay, vectors (norm weights) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -192,6 +213,13 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu", eps
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.startswith("cuda"))
+
+
+def check_vocab(tok, model_config, where):
+    """A tokenizer with more tokens than the model's vocabulary would index past its embedding."""
+    if tok.n_vocab > model_config.vocab_size:
+        raise ConfigError(f"{where}: the tokenizer has {tok.n_vocab} tokens but the model's vocabulary is "
+                          f"{model_config.vocab_size}")
 
 
 def prepare_for_training(model, cfg, dist, state=None, **adam):
@@ -211,6 +239,27 @@ def prepare_for_training(model, cfg, dist, state=None, **adam):
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     return model, raw, opt
+
+
+class PhaseClock:
+    """Seconds per phase of the run (prefilter, rollout, train, eval), wall clock and CPU time of
+    this process. On a machine shared with other jobs the wall clock stretches and the CPU time
+    does not: with one thread (OMP_NUM_THREADS=1) it is what the wall clock would read alone."""
+
+    def __init__(self, totals=None):
+        self.totals, self.last = dict(totals or {}), {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.last = {f"{phase}_s": time.perf_counter() - wall, f"{phase}_cpu_s": time.process_time() - cpu}
+        for k, v in self.last.items():
+            self.totals[k] = self.totals.get(k, 0.0) + v
+
+    def describe(self):
+        phases = [k[:-2] for k in self.totals if not k.endswith("_cpu_s")]
+        return ", ".join(f"{p} {self.totals[p + '_s']:.1f} s (cpu {self.totals[p + '_cpu_s']:.1f})" for p in phases)
 
 
 RUN_MARKER = "run_marker"   # the first line a run writes to its metrics.jsonl

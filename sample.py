@@ -41,7 +41,7 @@ from configurator import (ConfigError, atomic_write, check, check_choice, check_
 from data import ADD_TASK, DataError, heldout_problems, load_rl_jsonl, load_tokenizer, split_reasoning
 from evaluate import (bench_compare, bench_decode, bench_decode_many, evaluate_problems, format_breakdown,
                       generate_responses)
-from runtime import check_decode_fits, check_heldout_size, pick_device
+from runtime import (check_decode_fits, check_heldout_size, check_vocab, pick_device)
 
 
 @dataclass
@@ -144,9 +144,7 @@ def load(cfg):
     except FileNotFoundError:
         raise ConfigError(f"--ckpt={cfg.ckpt}: the checkpoint has no tokenizer (tokenizer.model at its root "
                           f"or under original/); copy the one it was trained with into it") from None
-    if tok.n_vocab > model.config.vocab_size:
-        raise ConfigError(f"--ckpt={cfg.ckpt}: the tokenizer has {tok.n_vocab} tokens but the model's "
-                          f"vocabulary is {model.config.vocab_size}")
+    check_vocab(tok, model.config, f"--ckpt={cfg.ckpt}")
     return model, tok, device
 
 

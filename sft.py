@@ -48,14 +48,14 @@ from tqdm import tqdm
 
 from checkpoint import load_config, load_model
 from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable)
-from data import (DataError, check_format, heldout_problems, load_sft_jsonl, load_tokenizer,
-                  tokenizer_file)
-from evaluate import EVAL_SEED, chain_accuracy, describe_eval, generation_eval
+from data import DataError, check_format, load_sft_jsonl, load_tokenizer, tokenizer_file
+from evaluate import chain_accuracy, describe_eval, generation_eval, stage_eval_problems
 from model import CheckpointError, NonFiniteError, count_params
-from runtime import (auto_eval_interval, auto_seq_len, auto_total_batch, autocast, check_heldout_size,
-                     check_out_dir, chunked_cross_entropy, grad_accum_steps, grad_sync, interruptible,
-                     load_for_resume, lr_at, MetricsLog, plot_curves, PRECISIONS, prepare_for_training,
-                     read_metrics, resolve_precision, run_main, save_checkpoint, setup_dist, teardown_dist)
+from runtime import (all_sum, auto_eval_interval, auto_seq_len, auto_total_batch, autocast,
+                     check_heldout_size, check_out_dir, chunked_cross_entropy, grad_accum_steps, grad_sync,
+                     interruptible, load_for_resume, lr_at, MetricsLog, plot_curves, PRECISIONS,
+                     prepare_for_training, read_metrics, resolve_precision, run_main, save_checkpoint, set_lr,
+                     setup_dist, teardown_dist)
 
 
 @dataclass
@@ -310,6 +310,27 @@ class RowStream:
         return int(sum(self.sources[i].n_targets[j] for row in rows for i, j in row))
 
 
+def load_data(cfg, tok, mcfg, world_size, say):
+    """The training sources and their row stream, the validation rows (in file order, packed the
+    same way; the first eval_rows). Defaults that fit any checkpoint are resolved into cfg (and so
+    into train_config.json): rows as long as the data needs (not the model's context), a global
+    batch of ~4096 tokens in whole micro-steps."""
+    V, context = mcfg.vocab_size, mcfg.max_position_embeddings
+    sources = [Source(p, w, tok, cfg.seq_len or context, V) for p, w in parse_data_spec(cfg.data)]
+    if not cfg.seq_len:
+        cfg.seq_len = auto_seq_len(context, max(s.longest for s in sources))
+    if not cfg.total_batch_size:
+        cfg.total_batch_size = auto_total_batch(4096, cfg.device_batch_size, cfg.seq_len, world_size)
+    val_sources = [Source(cfg.val_data, 1.0, tok, cfg.seq_len, V)] if cfg.val_data else []
+    for s in sources + val_sources:
+        say(s.report())
+    val_rows = []
+    if val_sources:
+        val_rows = [[(0, j) for j in row] for row in pack(val_sources[0].lengths, cfg.seq_len)]
+        val_rows = val_rows[:cfg.eval_rows] if cfg.eval_rows else val_rows
+    return sources, val_sources, RowStream(sources, cfg.seq_len, cfg.seed), val_rows
+
+
 def make_batch(rows, sources, seq_len, pad_id, device):
     """Packed rows -> x, y (targets, -100 = no loss), doc_ids, positions, each (B, seq_len).
     Sample d of a row is document d, with positions 0..len-1; the rest of the row is a pad
@@ -337,6 +358,26 @@ def loss_sum(model, x, y, doc, pos, vocab_chunk):
     raw = getattr(raw, "_orig_mod", raw)
     h = model(x, doc, pos, head=False)
     return chunked_cross_entropy(h, raw.lm_head.weight, y, vocab_chunk)
+
+
+def step_gradients(model, rows, n_targets, sources, accum, cfg, dist, pad_id):
+    """Gradients of one step over its global batch of packed rows; returns the step's loss.
+    The loss is the mean over the assistant tokens of the whole global batch: each process
+    divides its sum by the global count (known to all: the stream is), and DDP averages
+    gradients over processes, hence the factor world_size. A sample's weight is its number of
+    assistant tokens, however the batch is split into processes and micro-steps."""
+    logged = torch.zeros((), device=dist.device)
+    for m in range(accum):
+        first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
+        x, y, doc, pos = make_batch(rows[first:first + cfg.device_batch_size], sources, cfg.seq_len,
+                                    pad_id, dist.device)
+        with grad_sync(model, m == accum - 1):
+            with autocast(dist.device, cfg.precision):
+                part = loss_sum(model, x, y, doc, pos, cfg.vocab_chunk) / n_targets
+            (part * dist.world_size).backward()
+        logged += part.detach()
+    all_sum(dist, logged)   # every process holds its share of the global mean
+    return float(logged)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,6 +419,31 @@ def convergence(rows, two_thirds, end):
             "chain_gain_last_third": at[end] - at[two_thirds]}
 
 
+def final_eval(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id, log, two_thirds, end, say):
+    """The last evaluation, and convergence: held-out chain accuracy at 2/3 of the steps and at
+    the end (if it still rises, a later stage's gain could be more SFT's)."""
+    row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
+    log.log(step=end, **row)
+    say(f"step {end}: {describe_eval(row)}")
+    conv = convergence(read_metrics(log.path), two_thirds, end)
+    if conv:
+        log.log(step=end, **conv)
+        say(f"held-out chains, reasoning on: {conv['chain_accuracy_on_two_thirds']:.3f} at step {two_thirds}, "
+            f"{conv['chain_accuracy_on_end']:.3f} at step {end} ({100 * conv['chain_gain_last_third']:+.1f} points "
+            f"in the last third)")
+
+
+def draw_curves(cfg, rows, problems):
+    """loss.png (train / held-out loss); with generation evals accuracy.png and accuracy_by_k.png."""
+    title = f"sft.py: {cfg.out_dir}"
+    plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, ["train_loss", "val_loss"], title=title)
+    if problems:
+        plot_curves(os.path.join(cfg.out_dir, "accuracy.png"), rows,
+                    ["accuracy_on", "accuracy_off", "think_rate_on", "think_rate_off"], title=title)
+        ks = sorted({k for r in rows for k in r if k.startswith("acc_on_k")}, key=lambda k: int(k[8:]))
+        plot_curves(os.path.join(cfg.out_dir, "accuracy_by_k.png"), rows, ks, title=title + " (reasoning on)")
+
+
 # ------------------------------------------------------------------------------------------------
 # What a resumed run must share with the run it continues: the data stream and the LR schedule.
 RESUME_KEYS = ("init_from", "data", "seed", "seq_len", "total_batch_size", "epochs", "max_steps", "lr",
@@ -395,32 +461,10 @@ def main(cfg):
     model = load_model(cfg.init_from)
     mcfg = model.config
     tok = load_tokenizer(cfg.init_from)
-    V = mcfg.vocab_size
-    pad_id = tok.pad_id if tok.pad_id < V else 0  # any id: the pad document is masked and has no targets
+    pad_id = tok.pad_id if tok.pad_id < mcfg.vocab_size else 0  # any id: the pad document is masked, no targets
     t0 = time.time()
-    # Defaults that fit any checkpoint: rows as long as the data needs (not the model's context),
-    # a global batch of ~4096 tokens in whole micro-steps. Resolved into cfg (train_config.json).
-    context = mcfg.max_position_embeddings
-    sources = [Source(p, w, tok, cfg.seq_len or context, V) for p, w in parse_data_spec(cfg.data)]
-    if not cfg.seq_len:
-        cfg.seq_len = auto_seq_len(context, max(s.longest for s in sources))
-    if not cfg.total_batch_size:
-        cfg.total_batch_size = auto_total_batch(4096, cfg.device_batch_size, cfg.seq_len, dist.world_size)
-    val_sources = [Source(cfg.val_data, 1.0, tok, cfg.seq_len, V)] if cfg.val_data else []
-    for s in sources + val_sources:
-        say(s.report())
-    stream = RowStream(sources, cfg.seq_len, cfg.seed)
-    val_rows = []
-    if val_sources:  # in file order, packed the same way; the first eval_rows rows
-        vs = val_sources[0]
-        val_rows = [[(0, j) for j in row] for row in pack(vs.lengths, cfg.seq_len)]
-        val_rows = val_rows[:cfg.eval_rows] if cfg.eval_rows else val_rows
-    problems = []
-    if cfg.eval_problems and not (cfg.eval_interval is None and 0 < cfg.max_steps <= 2):
-        try:
-            problems = heldout_problems("val", cfg.eval_problems, EVAL_SEED)
-        except ValueError as e:
-            raise ConfigError(f"--eval_problems={cfg.eval_problems}: {e}") from None
+    sources, val_sources, stream, val_rows = load_data(cfg, tok, mcfg, dist.world_size, say)
+    problems = [] if cfg.eval_interval is None and 0 < cfg.max_steps <= 2 else stage_eval_problems(cfg.eval_problems)
 
     rows_per_step = cfg.total_batch_size // cfg.seq_len
     accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, dist.world_size)
@@ -463,7 +507,7 @@ def main(cfg):
 
     bar = tqdm(range(start_step, end), disable=not master, desc="sft", initial=start_step, total=end)
     train_time, tokens_since, real_since = 0.0, 0, 0
-    save = lambda s: master and save_checkpoint(cfg.out_dir, raw, opt, s, cfg, tok, extra={"data": data_stats})
+    save = lambda s: master and save_checkpoint(cfg.out_dir, raw, opt, s, cfg, tok, extra={"data": data_stats})  # noqa: E731
     for step in interruptible(bar, save):   # Ctrl-C: save the last finished step, exit 130
         due = (cfg.eval_interval and step % cfg.eval_interval == 0) or (problems and step == two_thirds)
         if due and step > start_step and master:
@@ -472,27 +516,9 @@ def main(cfg):
             bar.write(f"[sft] step {step}: {describe_eval(row)}", file=sys.stderr)
         t0 = time.time()
         lr = lr_at(step, max_steps, cfg.lr, warmup, cfg.min_lr_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         rows = stream.rows(step * rows_per_step, rows_per_step)
-        # The loss is the mean over the assistant tokens of the whole global batch: each process
-        # divides its sum by the global count (known to all: the stream is), and DDP averages
-        # gradients over processes, hence the factor world_size. A sample's weight is its number
-        # of assistant tokens, however the batch is split into processes and micro-steps.
-        n_targets = stream.n_targets(rows)
-        logged = torch.zeros((), device=device)
-        for m in range(accum):
-            first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
-            x, y, doc, pos = make_batch(rows[first:first + cfg.device_batch_size], sources, cfg.seq_len,
-                                        pad_id, device)
-            with grad_sync(model, m == accum - 1):
-                with autocast(device, cfg.precision):
-                    part = loss_sum(model, x, y, doc, pos, cfg.vocab_chunk) / n_targets
-                (part * dist.world_size).backward()
-            logged += part.detach()
-        if dist.ddp:  # every process holds its share of the global mean
-            torch.distributed.all_reduce(logged)
-        loss = float(logged)
+        loss = step_gradients(model, rows, stream.n_targets(rows), sources, accum, cfg, dist, pad_id)
         if not math.isfinite(loss):
             raise NonFiniteError(f"step {step}: the SFT loss is not finite ({loss}); lower --lr")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
@@ -508,28 +534,13 @@ def main(cfg):
             log.log(**row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             train_time, tokens_since, real_since = 0.0, 0, 0
-        if master and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
-            save_checkpoint(cfg.out_dir, raw, opt, step + 1, cfg, tok, extra={"data": data_stats})
+        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
+            save(step + 1)
     if master:
-        save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok, extra={"data": data_stats})
+        save(end)
         if end == max_steps and evals:
-            row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
-            log.log(step=end, **row)
-            say(f"step {end}: {describe_eval(row)}")
-            conv = convergence(read_metrics(log.path), two_thirds, end)
-            if conv:
-                log.log(step=end, **conv)
-                say(f"held-out chains, reasoning on: {conv['chain_accuracy_on_two_thirds']:.3f} at step {two_thirds}, "
-                    f"{conv['chain_accuracy_on_end']:.3f} at step {end} ({100 * conv['chain_gain_last_third']:+.1f} points "
-                    f"in the last third)")
-        rows = read_metrics(log.path)
-        title = f"sft.py: {cfg.out_dir}"
-        plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, ["train_loss", "val_loss"], title=title)
-        if problems:
-            plot_curves(os.path.join(cfg.out_dir, "accuracy.png"), rows,
-                        ["accuracy_on", "accuracy_off", "think_rate_on", "think_rate_off"], title=title)
-            ks = sorted({k for r in rows for k in r if k.startswith("acc_on_k")}, key=lambda k: int(k[8:]))
-            plot_curves(os.path.join(cfg.out_dir, "accuracy_by_k.png"), rows, ks, title=title + " (reasoning on)")
+            final_eval(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id, log, two_thirds, end, say)
+        draw_curves(cfg, read_metrics(log.path), problems)
         say(f"saved {cfg.out_dir} at step {end}")
     teardown_dist(dist)
 
