@@ -351,37 +351,59 @@ RESUME_KEYS = ("seed", "seq_len", "total_batch_size", "data_dir", "train_data", 
                "warmup_steps", "min_lr_frac", "teacher", "kd_weight", "cosine_weight", "lm_weight", "layer_map")
 
 
+def load_data(cfg, world_size):
+    """The tokenizer and the (tokens, loss mask) of the training and validation shards; resolves
+    --seq_len / --total_batch_size (resolve_lengths) and checks a window fits in each."""
+    path = lambda p: p if os.path.isabs(p) else os.path.join(cfg.data_dir, p)  # noqa: E731
+    tok = load_tokenizer(cfg.data_dir)
+    train = load_token_shards(path(cfg.train_data), n_vocab=tok.n_vocab, with_mask=True)
+    val = load_token_shards(path(cfg.val_data), n_vocab=tok.n_vocab, with_mask=True)
+    contexts = [load_config(p).max_position_embeddings for p in (cfg.init_from, cfg.teacher) if p and p != "scratch"]
+    resolve_lengths(cfg, train[0], tok.bos_id, contexts, world_size)
+    for name, (arr, _) in ((cfg.train_data, train), (cfg.val_data, val)):
+        if len(arr) < cfg.seq_len + 2:
+            raise ConfigError(f"{path(name)} holds {len(arr)} tokens, fewer than one window of --seq_len={cfg.seq_len}")
+    return tok, train, val
+
+
+def load_teacher(cfg, mcfg, device):
+    """The frozen teacher (None without --teacher) and the student -> teacher layer map of the
+    cosine term, checked against the student: the same vocabulary, the same width for hidden states."""
+    if not cfg.teacher:
+        return None, {}
+    teacher = load_model(cfg.teacher, device=device).eval().requires_grad_(False)
+    if teacher.config.vocab_size != mcfg.vocab_size:
+        raise ConfigError(f"teacher {cfg.teacher} has a vocabulary of {teacher.config.vocab_size}, "
+                          f"the student {mcfg.vocab_size}: KL needs the same vocabulary")
+    if cfg.cosine_weight and teacher.config.hidden_size != mcfg.hidden_size:
+        raise ConfigError(f"--cosine_weight={cfg.cosine_weight} compares hidden states, but the teacher's "
+                          f"hidden size is {teacher.config.hidden_size} and the student's {mcfg.hidden_size} "
+                          f"(a Puzzle child keeps the parent's width); use --cosine_weight=0")
+    return teacher, parse_layer_map(cfg.layer_map, mcfg.num_hidden_layers, teacher.config.num_hidden_layers)
+
+
+def report(cfg, rows, end):
+    """loss.png (every train_ / val_ curve) and the last interval's numbers (throughput, MFU, losses)."""
+    keys = sorted({k for r in rows for k in r if k.startswith(("train_", "val_"))})
+    plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, keys, title=f"distill.py: {cfg.out_dir}")
+    last_train = [r for r in rows if "tokens_per_s" in r][-1:]
+    last_val = [r for r in rows if any(k.startswith("val_") for k in r)][-1:]
+    print(f"[distill] saved {cfg.out_dir} at step {end}: {json.dumps(last_train + last_val)}", file=sys.stderr)
+
+
 def main(cfg):
     dist = setup_dist(cfg.device)
     device, master = dist.device, dist.master
     cfg.precision = resolve_precision(device, cfg.precision)   # "auto" -> what runs, recorded as such
     torch.manual_seed(cfg.seed)
-    path = lambda p: p if os.path.isabs(p) else os.path.join(cfg.data_dir, p)
-    tok = load_tokenizer(cfg.data_dir)
-    train, train_mask = load_token_shards(path(cfg.train_data), n_vocab=tok.n_vocab, with_mask=True)
-    val, val_mask = load_token_shards(path(cfg.val_data), n_vocab=tok.n_vocab, with_mask=True)
-    contexts = [load_config(p).max_position_embeddings for p in (cfg.init_from, cfg.teacher) if p and p != "scratch"]
-    resolve_lengths(cfg, train, tok.bos_id, contexts, dist.world_size)
-    for name, arr in ((cfg.train_data, train), (cfg.val_data, val)):
-        if len(arr) < cfg.seq_len + 2:
-            raise ConfigError(f"{path(name)} holds {len(arr)} tokens, fewer than one window of --seq_len={cfg.seq_len}")
+    tok, (train, train_mask), (val, val_mask) = load_data(cfg, dist.world_size)
 
     model = build_student(cfg, tok.n_vocab)
     mcfg = model.config
     if mcfg.vocab_size < tok.n_vocab:
         raise ConfigError(f"the tokenizer in {cfg.data_dir} has {tok.n_vocab} tokens but the model "
                           f"({cfg.init_from}) has a vocabulary of {mcfg.vocab_size}")
-    teacher, layer_map = None, {}
-    if cfg.teacher:
-        teacher = load_model(cfg.teacher, device=device).eval().requires_grad_(False)
-        if teacher.config.vocab_size != mcfg.vocab_size:
-            raise ConfigError(f"teacher {cfg.teacher} has a vocabulary of {teacher.config.vocab_size}, "
-                              f"the student {mcfg.vocab_size}: KL needs the same vocabulary")
-        if cfg.cosine_weight and teacher.config.hidden_size != mcfg.hidden_size:
-            raise ConfigError(f"--cosine_weight={cfg.cosine_weight} compares hidden states, but the teacher's "
-                              f"hidden size is {teacher.config.hidden_size} and the student's {mcfg.hidden_size} "
-                              f"(a Puzzle child keeps the parent's width); use --cosine_weight=0")
-        layer_map = parse_layer_map(cfg.layer_map, mcfg.num_hidden_layers, teacher.config.num_hidden_layers)
+    teacher, layer_map = load_teacher(cfg, mcfg, device)
     for who, m in (("model", model), ("teacher", teacher)):
         if m is not None and cfg.seq_len > m.config.max_position_embeddings:
             raise ConfigError(f"--seq_len={cfg.seq_len} exceeds the {who}'s context of {m.config.max_position_embeddings}")
@@ -408,7 +430,7 @@ def main(cfg):
 
     bar = tqdm(range(start_step, end), disable=not master, desc="distill", initial=start_step, total=end)
     train_time, tokens_since = 0.0, 0
-    save = lambda s: master and save_checkpoint(cfg.out_dir, raw, opt, s, cfg, tok, extra)
+    save = lambda s: master and save_checkpoint(cfg.out_dir, raw, opt, s, cfg, tok, extra)  # noqa: E731
     for step in interruptible(bar, save):   # Ctrl-C: save the last finished step, exit 130
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step and master:
             log.log(step=step, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map, val_mask))
@@ -417,10 +439,7 @@ def main(cfg):
         set_lr(opt, lr)
         logged = step_gradients(model, teacher, train, step, cfg, dist, accum, tok.bos_id, layer_map, weights,
                                 train_mask)
-        names = sorted(logged)
-        means = torch.stack([logged[k] for k in names])
-        all_sum(dist, means)   # every process holds its share of the global mean
-        logged = dict(zip(names, means.tolist()))
+        logged = all_sum(dist, {k: float(v) for k, v in logged.items()})   # each process: its share of the mean
         if not all(np.isfinite(v) for v in logged.values()):
             raise NonFiniteError(nonfinite_message(f"the loss is not finite ({logged})", step, start_step, raw, cfg))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
@@ -439,18 +458,13 @@ def main(cfg):
             log.log(**row)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
             train_time, tokens_since = 0.0, 0
-        if master and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
-            save_checkpoint(cfg.out_dir, raw, opt, step + 1, cfg, tok, extra)
+        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
+            save(step + 1)
     if master:
-        save_checkpoint(cfg.out_dir, raw, opt, end, cfg, tok, extra)
+        save(end)
         if end == cfg.max_steps and cfg.eval_interval:
             log.log(step=end, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map, val_mask))
-        rows = read_metrics(log.path)
-        keys = sorted({k for r in rows for k in r if k.startswith(("train_", "val_"))})
-        plot_curves(os.path.join(cfg.out_dir, "loss.png"), rows, keys, title=f"distill.py: {cfg.out_dir}")
-        last_train = [r for r in rows if "tokens_per_s" in r][-1:]   # throughput (and MFU) of the last interval
-        last_val = [r for r in rows if any(k.startswith("val_") for k in r)][-1:]
-        print(f"[distill] saved {cfg.out_dir} at step {end}: {json.dumps(last_train + last_val)}", file=sys.stderr)
+        report(cfg, read_metrics(log.path), end)
     teardown_dist(dist)
 
 
