@@ -20,7 +20,7 @@ from dataclasses import fields
 
 import torch
 
-from configurator import atomic_write, remove_tmp_files, sniff_file
+from configurator import atomic_write, read_json_object, remove_tmp_files, sniff_file
 from model import BlockConfig, CheckpointError, ModelConfig, Transformer, ffn_mult_to_intermediate_size
 
 # ------------------------------------------------------------------------------------------------
@@ -164,14 +164,7 @@ def load_config(path):
     if kind not in ("a JSON file", "a text file"):
         raise CheckpointError(f"{f}: is {kind}, not a config.json; give the checkpoint folder (config.json + "
                               f"model.safetensors) or its config.json")
-    try:
-        with open(f, encoding="utf-8") as fh:
-            d = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{f}: expected a JSON object")
-    return config_from_dict(d, f)
+    return config_from_dict(read_json_object(f, CheckpointError), f)
 
 
 def _weight_files(folder):

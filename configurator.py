@@ -364,6 +364,21 @@ def fsync_dir(folder):
         os.close(fd)
 
 
+def read_json_object(path, error=ConfigError, context="", expected="a JSON object", hint=""):
+    """The JSON object in `path`, or one `error` line naming the file: `context` before the path
+    (the flag that led here), `hint` after the reason (what to do about it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{context}{path}: not valid JSON ({e}){hint}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{context}{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}){hint}") from None
+    if not isinstance(out, dict):
+        raise error(f"{context}{path}: holds a JSON {type(out).__name__}, expected {expected}{hint}")
+    return out
+
+
 def append_line(path, text):
     """Append one whole line to a log (metrics.jsonl): one write(2) of the line on an O_APPEND
     descriptor, then fsync, so a kill leaves the file with or without the line; a torn last line

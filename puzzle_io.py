@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from checkpoint import save_model
-from configurator import ConfigError, atomic_dir, atomic_write, write_json
+from configurator import ConfigError, atomic_dir, atomic_write, read_json_object, write_json
 from data import load_token_shards, load_tokenizer
 from runtime import plot_curves, read_metrics
 
@@ -41,17 +41,6 @@ def out_paths(out_dir):
             "assemble": j("assemble.json"), "child": j("child"), "control": j("homogeneous"),
             "child_hf": j("child_hf"), "layout": j("layout.txt"), "layout_png": j("layout.png"),
             "metrics": j("metrics.jsonl")}
-
-
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); delete it or redo the stage with --force=True") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 JSON text ({e.reason} at byte {e.start}); delete it or redo the "
-                          f"stage with --force=True") from None
 
 
 def stage_settings(name, cfg, pcfg, space, state):
@@ -91,10 +80,8 @@ class StageCache:
         path = self.paths[name]
         if not os.path.isfile(path):
             return None
-        res = read_json(path)
         redo = f"delete it or redo the stage with --stage={name}"
-        if not isinstance(res, dict):
-            raise ConfigError(f"{path}: holds a JSON {type(res).__name__}, not the {name} stage's result object; {redo}")
+        res = read_json_object(path, expected=f"the {name} stage's result object", hint=f"; {redo}")
         for key, typ in (("id", str), ("settings", dict)):
             if not isinstance(res.get(key), typ):
                 raise ConfigError(f"{path}: field {key!r} missing or not a {typ.__name__} (not a {name} result "
@@ -157,7 +144,7 @@ def load_data(cfg, pcfg, tok):
     for key, name in (("train", cfg.train_data), ("val", cfg.val_data)):
         folder = name if os.path.isabs(name) else os.path.join(cfg.data_dir, name)
         arr = load_token_shards(folder, n_vocab=pcfg.vocab_size)
-        index = read_json(os.path.join(folder, "index.json"))
+        index = read_json_object(os.path.join(folder, "index.json"))
         if index["bos_id"] != tok.bos_id:
             raise ConfigError(f"{folder} was tokenized with another tokenizer (bos_id {index['bos_id']}, the "
                               f"parent's tokenizer has {tok.bos_id})")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from configurator import (PROGRESS, ConfigError, Interrupted, UserError, append_line, atomic_write,  # noqa: F401
-                          check_out_dir, parse_config, remove_tmp_files, run_main, write_json)   # (re-exported)
+                          check_out_dir, parse_config, read_json_object, remove_tmp_files, run_main, write_json)   # (re-exported)
 
 
 def config_dict(cfg):
@@ -523,15 +523,7 @@ def read_train_config(out_dir):
     path = os.path.join(out_dir, "train_config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"--resume=True: {path} does not exist (not a checkpoint written by save_checkpoint)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            before = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--resume=True: {path} is not valid JSON ({e})") from None
-    if not isinstance(before, dict):
-        raise ConfigError(f"--resume=True: {path} holds a JSON {type(before).__name__}, expected the object of "
-                          f"settings save_checkpoint writes")
-    return before
+    return read_json_object(path, context="--resume=True: ", expected="the object of settings save_checkpoint writes")
 
 
 def load_for_resume(cfg, model_cfg, keys, max_steps, data, paths=()):
