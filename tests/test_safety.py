@@ -280,6 +280,42 @@ def test_ctrl_c_saves_and_resumes(small_world):
     assert [r["step"] for r in runtime.read_metrics(str(metrics)) if "train_lm" in r] == logged + [step + 1]
 
 
+def test_ctrl_c_in_puzzle_keeps_the_saved_stages(small_world):
+    """Ctrl-C while puzzle.py redoes its library: one line, exit 130, and the library and scores an
+    earlier run saved are byte-identical (a stage's files are written only when it is done)."""
+    import torch
+    from checkpoint import save_model
+    from data import load_tokenizer
+    from model import ModelConfig, Transformer
+    d = small_world
+    tok = load_tokenizer(str(d / "data"))
+    torch.manual_seed(0)
+    save_model(Transformer(ModelConfig.llama(num_layers=2, vocab_size=tok.n_vocab, hidden_size=32, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)),
+               str(d / "pz_parent"))
+    tok.save(str(d / "pz_parent"))
+    out = d / "pz"
+    args = [sys.executable, "puzzle.py", f"--parent={d / 'pz_parent'}", f"--data_dir={d / 'data'}", f"--out_dir={out}",
+            "--seq_len=32", "--device_batch_size=2", "--bld_batch_size=2", "--calib_tokens=64", "--bld_eval_tokens=64",
+            "--score_tokens=64", "--ffn_round=8", "--bld_warmup_steps=0", "--device=cpu", "--until=score",
+            "--cost_prompt_len=4", "--cost_new_tokens=4"]
+    r = subprocess.run(args + ["--bld_tokens=128"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = {f: (out / f).read_bytes() for f in ("library.json", "library.safetensors", "scores.json")}
+    log = open(d / "pz.err", "w+")
+    p = subprocess.Popen(args + ["--bld_tokens=100000000"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=log,
+                         text=True, preexec_fn=_sigint_default)
+    assert _wait_for(lambda: "BLD:" in (d / "pz.err").read_text(), 300), (d / "pz.err").read_text()[-2000:]
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=120)
+    err = (d / "pz.err").read_text()
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].split("\r")[-1] == "interrupted", err[-500:]
+    assert {f: (out / f).read_bytes() for f in saved} == saved
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
 def test_ctrl_c_in_the_chat_repl(small_world):
     import torch
     from data import load_tokenizer
