@@ -364,14 +364,14 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def read_json_object(path, error=ConfigError, context="", expected="a JSON object", hint=""):
-    """The JSON object in `path`, or one `error` line naming the file: `context` before the path
-    (the flag that led here), `hint` after the reason (what to do about it)."""
+def read_json_object(path, error=ConfigError, context="", expected="a JSON object", hint="", object_hook=None):
+    """The JSON object in `path`, or one `error` line naming the file (and the line): `context`
+    before the path (the flag that led here), `hint` after the reason (what to do about it)."""
     try:
         with open(path, encoding="utf-8") as f:
-            out = json.load(f)
+            out = json.load(f, object_hook=object_hook)
     except json.JSONDecodeError as e:
-        raise error(f"{context}{path}: not valid JSON ({e}){hint}") from None
+        raise error(f"{context}{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}){hint}") from None
     except UnicodeDecodeError as e:
         raise error(f"{context}{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}){hint}") from None
     if not isinstance(out, dict):

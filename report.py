@@ -11,7 +11,6 @@ report.md (tables, the plots below, the paper's numbers beside the nano ones), a
 curves.png. A number that a stage did not produce is an error naming the missing file, never a
 blank in the table.
 """
-import json
 import os
 import platform
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import load_config
-from configurator import ConfigError, atomic_write, check_readable, run_main, write_json
+from configurator import ConfigError, atomic_write, check_readable, read_json_object, run_main, write_json
 from data import ADD_TASK, CHAT_TASKS
 from model import count_params, kv_bytes_per_token
 from runtime import moving_average, read_metrics
@@ -56,16 +55,8 @@ class Doc(dict):
 def _json(path):
     if not os.path.isfile(path):
         raise ConfigError(f"report: {path} is missing (did its stage run? see speedrun.sh)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f, object_hook=lambda d: Doc(d, path))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"report: {path}:{e.lineno}: not valid JSON ({e.msg}); redo its stage") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"report: {path}: not UTF-8 JSON text ({e.reason} at byte {e.start})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"report: {path}: holds a JSON {type(data).__name__}, expected an object; redo its stage")
-    return data
+    return read_json_object(path, context="report: ", expected="an object", hint="; redo its stage",
+                            object_hook=lambda d: Doc(d, path))
 
 
 def _seconds(path):
