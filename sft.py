@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from checkpoint import load_config, load_model
 from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable)
-from data import DataError, check_format, load_sft_jsonl, load_tokenizer, tokenizer_file
+from data import RowStream, Source, load_tokenizer, pack, tokenizer_file
 from evaluate import chain_accuracy, describe_eval, generation_eval, stage_eval_problems
 from model import CheckpointError, NonFiniteError, count_params
 from runtime import (all_sum, auto_eval_interval, auto_seq_len, auto_total_batch, autocast,
@@ -160,155 +160,10 @@ def parse_data_spec(spec):
 
 
 # ------------------------------------------------------------------------------------------------
-# Samples: rendered with the chat template, checked, as (ids, targets) arrays. targets[j] is the
-# token at j+1 where it is an assistant token (render_chat's mask shifted by one), else -100: the
-# loss is on the assistant's content and its closing <|eot_id|>, never on the prompt.
-
-class Source:
-    def __init__(self, path, weight, tok, seq_len, vocab_size):
-        self.path, self.weight = path, weight
-        self.ids, self.targets = [], []
-        self.dropped_long = self.dropped_format = 0
-        self.first_format_line = None
-        self.longest = 0
-        for ex in load_sft_jsonl(path, tok):
-            ids = ex["ids"]
-            top = max(ids)
-            if top >= vocab_size:
-                raise DataError(f"{path}:{ex['line']}: token id {top} ({tok.decode([top])!r}) is outside the "
-                                f"model's vocabulary of {vocab_size}")
-            self.longest = max(self.longest, len(ids))
-            if not check_format(ex["messages"][-1]["content"], ex["reasoning"]):
-                self.dropped_format += 1
-                self.first_format_line = self.first_format_line or ex["line"]
-                continue
-            if len(ids) > seq_len:
-                self.dropped_long += 1
-                continue
-            ids = np.asarray(ids, dtype=np.int64)
-            self.ids.append(ids)
-            self.targets.append(np.where(np.asarray(ex["mask"][1:]) == 1, ids[1:], -100))
-        self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
-        self.n_targets = np.array([int((t != -100).sum()) for t in self.targets], dtype=np.int64)
-        if not self.ids:
-            raise DataError(f"{path}: no usable samples ({self.dropped_long} longer than --seq_len={seq_len}, "
-                            f"{self.dropped_format} whose output contradicts their 'reasoning' field)")
-
-    def __len__(self):
-        return len(self.ids)
-
-    def report(self):
-        """The counts a user must see: what was read, what was dropped and why."""
-        line = (f"{self.path}: {len(self)} samples, {int(self.lengths.sum()):,} tokens "
-                f"({int(self.n_targets.sum()):,} assistant targets); dropped {self.dropped_long} longer than "
-                f"seq_len (longest {self.longest}), {self.dropped_format} with a format that contradicts 'reasoning'")
-        if self.first_format_line:
-            line += f" (first: line {self.first_format_line})"
-        return line
-
-    def stats(self):
-        return {"samples": len(self), "tokens": int(self.lengths.sum()), "targets": int(self.n_targets.sum()),
-                "dropped_long": self.dropped_long, "dropped_format": self.dropped_format}
-
-
-# ------------------------------------------------------------------------------------------------
-# The global stream of packed rows. Everything below is a pure function of (data, seed): every
-# process builds the same stream, so each knows every step's rows and its global count of
-# assistant targets without communication, and a resumed run continues the stream exactly.
-# Process r's micro-step m takes rows [(m * world + r) * dbs, ... + dbs) of the step (as distill.py).
-
-def mixture_counts(sizes, weights):
-    """Samples per source in one epoch: the epoch holds sum(sizes) samples, split by weight
-    (largest remainder, so the counts add up exactly)."""
-    total = sum(sizes)
-    w = np.asarray(weights, dtype=np.float64) / sum(weights)
-    raw = w * total
-    counts = np.floor(raw).astype(np.int64)
-    for i in np.argsort(-(raw - counts), kind="stable")[:total - counts.sum()]:
-        counts[i] += 1
-    return counts
-
-
-def source_picks(n, seed, src, start, count):
-    """Positions start..start+count of source src's endless stream: one fresh permutation of its
-    n samples per pass, so a source is seen evenly however often the mixture repeats it."""
-    out, p, off = [], start // n, start % n
-    while count > 0:
-        take = np.random.default_rng([seed, 0, src, p]).permutation(n)[off:off + count]
-        out.append(take)
-        count, p, off = count - len(take), p + 1, 0
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
-def pack(lengths, seq_len, window=64):
-    """First fit: each sample (in the given order) goes into the first of the open rows with room,
-    else opens a new row; a row closes when full (no room for the shortest sample) or when it
-    is the oldest of more than `window` open rows. The window keeps the shuffled order (rows do
-    not sort samples by length) and leaves little padding (~1-2% on the nano data, ~10% for
-    filling rows strictly in order). Returns rows as lists of indices into lengths."""
-    shortest = int(min(lengths)) if len(lengths) else 1
-    rows, open_rows, room = [], [], []
-    for j, n in enumerate(lengths):
-        n = int(n)
-        for r, space in enumerate(room):
-            if space >= n:
-                break
-        else:
-            r = len(room)
-            open_rows.append([])
-            room.append(seq_len)
-        open_rows[r].append(j)
-        room[r] -= n
-        if room[r] < shortest or len(room) > window:
-            c = r if room[r] < shortest else 0
-            rows.append(open_rows.pop(c))
-            room.pop(c)
-    return rows + open_rows
-
-
-class RowStream:
-    """Rows of the training stream: epoch after epoch, each epoch's samples (mixture_counts of
-    every source, from its own stream) shuffled and packed. Rows are (source, index) lists."""
-
-    def __init__(self, sources, seq_len, seed):
-        self.sources, self.seq_len, self.seed = sources, seq_len, seed
-        self.counts = mixture_counts([len(s) for s in sources], [s.weight for s in sources])
-        self.epochs = []  # packed rows of epochs 0, 1, ... (built on demand)
-        zero = [s.path for s, c in zip(sources, self.counts) if c == 0]
-        if zero:
-            raise ConfigError(f"--data: the weights leave no sample of {zero} in an epoch of {sum(self.counts)}")
-
-    def epoch(self, e):
-        while len(self.epochs) <= e:
-            k = len(self.epochs)
-            picks = [(i, j) for i, (s, c) in enumerate(zip(self.sources, self.counts))
-                     for j in source_picks(len(s), self.seed, i, k * int(c), int(c))]
-            order = np.random.default_rng([self.seed, 1, k]).permutation(len(picks))
-            picks = [picks[o] for o in order]
-            lengths = [self.sources[i].lengths[j] for i, j in picks]
-            self.epochs.append([[picks[j] for j in row] for row in pack(lengths, self.seq_len)])
-        return self.epochs[e]
-
-    def rows(self, start, n):
-        """Rows start..start+n-1 of the stream (crossing epoch boundaries)."""
-        out, e, first = [], 0, 0
-        while len(out) < n:
-            rows = self.epoch(e)
-            if start + len(out) < first + len(rows):
-                a = start + len(out) - first
-                out += rows[a:a + n - len(out)]
-            first += len(rows)
-            e += 1
-        return out
-
-    def rows_in_epochs(self, epochs):
-        """Rows in the first `epochs` (fractional) epochs."""
-        whole, frac = int(epochs), epochs - int(epochs)
-        return sum(len(self.epoch(e)) for e in range(whole)) + (int(frac * len(self.epoch(whole))) if frac else 0)
-
-    def n_targets(self, rows):
-        return int(sum(self.sources[i].n_targets[j] for row in rows for i, j in row))
-
+# The samples (data.Source: rendered with the chat template, checked, as (ids, targets) arrays,
+# the loss on the assistant's tokens only) and the global stream of packed rows (data.RowStream:
+# a pure function of (data, seed), so resume and any number of processes see the same rows).
+# make_batch turns rows into the model's inputs.
 
 def load_data(cfg, tok, mcfg, world_size, say):
     """The training sources and their row stream, the validation rows (in file order, packed the

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import data
 import sft
 from checkpoint import load_model, save_model
 from configurator import ConfigError
@@ -81,9 +82,9 @@ def test_packed_rows_equal_samples_one_by_one(data_dir):
     """Document masks + restarted positions: the loss and gradients of packed rows equal the sums
     over the same samples run alone (no doc_ids, positions 0..n-1)."""
     tok = load_tokenizer(data_dir)
-    src = sft.Source(f"{data_dir}/sft_train.jsonl", 1.0, tok, CONTEXT, 768)
+    src = data.Source(f"{data_dir}/sft_train.jsonl", 1.0, tok, CONTEXT, 768)
     T = 2 * CONTEXT  # rows of several samples (positions restart, so each stays inside the context)
-    rows = [[(0, j) for j in row] for row in sft.pack(src.lengths[:12], T)]
+    rows = [[(0, j) for j in row] for row in data.pack(src.lengths[:12], T)]
     assert len(rows) >= 3 and sum(len(r) >= 2 for r in rows) >= 2         # really packed
     x, y, doc, pos = sft.make_batch(rows, [src], T, tok.pad_id, "cpu")
     n = int(src.n_targets[:12].sum())
@@ -111,14 +112,14 @@ def test_packed_rows_equal_samples_one_by_one(data_dir):
 
 def test_stream_mixture_and_packing(data_dir, tmp_path):
     tok = load_tokenizer(data_dir)
-    a = sft.Source(f"{data_dir}/sft_train.jsonl", 3.0, tok, CONTEXT, 768)
-    b = sft.Source(f"{data_dir}/sft_val.jsonl", 1.0, tok, CONTEXT, 768)
-    assert list(sft.mixture_counts([64, 12], [3.0, 1.0])) == [57, 19]   # 76 samples, 3:1
-    ca, cb = sft.mixture_counts([len(a), len(b)], [3.0, 1.0])
+    a = data.Source(f"{data_dir}/sft_train.jsonl", 3.0, tok, CONTEXT, 768)
+    b = data.Source(f"{data_dir}/sft_val.jsonl", 1.0, tok, CONTEXT, 768)
+    assert list(data.mixture_counts([64, 12], [3.0, 1.0])) == [57, 19]   # 76 samples, 3:1
+    ca, cb = data.mixture_counts([len(a), len(b)], [3.0, 1.0])
     assert ca + cb == len(a) + len(b) and abs(ca - 3 * cb) <= 3
-    s1, s2 = sft.RowStream([a, b], CONTEXT, seed=5), sft.RowStream([a, b], CONTEXT, seed=5)
+    s1, s2 = data.RowStream([a, b], CONTEXT, seed=5), data.RowStream([a, b], CONTEXT, seed=5)
     assert s1.rows(3, 7) == s2.rows(3, 7)                                # a function of (data, seed)
-    assert s1.rows(0, 10) != sft.RowStream([a, b], CONTEXT, seed=6).rows(0, 10)
+    assert s1.rows(0, 10) != data.RowStream([a, b], CONTEXT, seed=6).rows(0, 10)
     for e in range(3):
         ep = s1.epoch(e)
         picks = [p for row in ep for p in row]
@@ -130,10 +131,10 @@ def test_stream_mixture_and_packing(data_dir, tmp_path):
     assert cb > len(b) and (seen == cb).all()
     n = sum(len(s1.epoch(e)) for e in range(2))
     assert s1.rows(n - 2, 4) == s1.epoch(1)[-2:] + s1.epoch(2)[:2]        # crosses the epoch boundary
-    single = sft.RowStream([a], CONTEXT, seed=5)
+    single = data.RowStream([a], CONTEXT, seed=5)
     assert sorted(j for row in single.epoch(0) for _, j in row) == list(range(len(a)))  # one pass = each once
     lengths = np.random.default_rng(0).integers(20, 120, size=500)
-    rows = sft.pack(lengths, 256)
+    rows = data.pack(lengths, 256)
     assert sorted(j for r in rows for j in r) == list(range(500))
     assert lengths.sum() / (256 * len(rows)) > 0.95                       # first fit leaves little padding
     assert sft.parse_data_spec("x.jsonl") == [("x.jsonl", 1.0)]
@@ -234,21 +235,21 @@ def test_bad_records_name_file_and_line(data_dir, bad, message, tmp_path):
     path = write_rows(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "input": MARKUP}, bad])
     assert len(load_sft_jsonl(write_rows(tmp_path / "ok.jsonl", [GOOD, {**GOOD, "input": MARKUP}]), tok)) == 2
     with pytest.raises(DataError, match=r"bad\.jsonl:3: " + message):
-        sft.Source(path, 1.0, tok, CONTEXT, 768)
+        data.Source(path, 1.0, tok, CONTEXT, 768)
 
 
 def test_counted_skips_and_vocabulary(data_dir, tmp_path):
     tok = load_tokenizer(data_dir)
     on = {**GOOD, "reasoning": "on", "output": "<think>\n1+2\n3\n</think>\n\n3"}
     rows = [GOOD, on, {**GOOD, "output": on["output"]}, {**on, "output": "3"}, {**GOOD, "output": "9 " * 200}]
-    src = sft.Source(write_rows(tmp_path / "mix.jsonl", rows), 1.0, tok, CONTEXT, 768)
+    src = data.Source(write_rows(tmp_path / "mix.jsonl", rows), 1.0, tok, CONTEXT, 768)
     assert len(src) == 2 and src.dropped_format == 2 and src.dropped_long == 1 and src.first_format_line == 3
     assert "dropped 1 longer than seq_len" in src.report() and "2 with a format" in src.report()
     with pytest.raises(DataError, match=r"mix\.jsonl:1: token id [0-9]+ \('<\|eot_id\|>'\) is outside the "
                                         r"model's vocabulary of 300"):
-        sft.Source(str(tmp_path / "mix.jsonl"), 1.0, tok, CONTEXT, 300)
+        data.Source(str(tmp_path / "mix.jsonl"), 1.0, tok, CONTEXT, 300)
     with pytest.raises(DataError, match="no usable samples"):
-        sft.Source(write_rows(tmp_path / "none.jsonl", [rows[2]]), 1.0, tok, CONTEXT, 768)
+        data.Source(write_rows(tmp_path / "none.jsonl", [rows[2]]), 1.0, tok, CONTEXT, 768)
 
 
 def test_flags_are_validated(data_dir, init_dir, tmp_path):

@@ -267,7 +267,10 @@ def cases(w):
                                                   "--eval_interval=0", "--eval_problems=0", "--log_interval=1"], None,
          lambda: shutil.rmtree(f"{w}/cases/int_sft", ignore_errors=True)),
         ("Ctrl-C in grpo.py", "sigint", "grpo.py", [*grpo[:2], f"--out_dir={w}/cases/int_grpo", "--max_steps=100000",
-                                                    "--eval_problems=0", "--max_new_tokens=8"], None,
+                                                    "--eval_problems=0", "--max_new_tokens=8",
+                                                    # the tiny world's few RL prompts: no prefilter to drop them
+                                                    "--prefilter_samples=0", "--curriculum=False",
+                                                    "--prompts_per_step=2", "--group_size=2", "--gen_groups=1"], None,
          lambda: shutil.rmtree(f"{w}/cases/int_grpo", ignore_errors=True)),
         ("Ctrl-C in the chat REPL", "sigint", "sample.py", [f"--ckpt={g}", "--chat_repl=True", "--device=cpu"], None, None),
         ("Ctrl-C in puzzle.py", "sigint", "puzzle.py", [*pz[:2], f"--out_dir={w}/cases/int_pz", *PUZZLE,
