@@ -333,7 +333,7 @@ def atomic_write(path, content):
 
 def atomic_dir(folder, write):
     """write(tmp_folder), then swap it in for `folder` with two renames (the old folder is removed
-    only after the new one is in place): a write that fails or is killed leaves `folder` as it was."""
+    only after the new one is in place): a write or a rename that fails leaves `folder` as it was."""
     folder = os.path.abspath(folder)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=f".{os.path.basename(folder)}.tmp-")
     old = f"{tmp}.old"
@@ -342,12 +342,18 @@ def atomic_dir(folder, write):
         os.chmod(tmp, 0o755)   # mkdtemp's 0700 would make checkpoints unreadable to other users
         if os.path.exists(folder):
             os.rename(folder, old)
-        os.rename(tmp, folder)
+        try:
+            os.rename(tmp, folder)
+        except BaseException:
+            if os.path.exists(old) and not os.path.exists(folder):
+                os.rename(old, folder)   # the new one could not go in: the old one goes back
+            raise
         fsync_dir(os.path.dirname(folder))
+        if os.path.exists(old):
+            shutil.rmtree(old)
     finally:
-        for p in (tmp, old):
-            if os.path.exists(p):
-                shutil.rmtree(p)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
 
 
 def fsync_dir(folder):

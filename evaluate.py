@@ -19,6 +19,7 @@ from collections import defaultdict
 
 import torch
 
+from configurator import ConfigError
 from data import ADD_TASK, has_think_block, heldout_problems, verify
 
 
@@ -94,7 +95,6 @@ EVAL_SEED = 1337
 
 def stage_eval_problems(n):
     """The n problems of a stage's periodic evaluation (--eval_problems; 0: none)."""
-    from configurator import ConfigError
     if not n:
         return []
     try:

@@ -257,6 +257,35 @@ def test_atomic_write_and_writability_checks(tmp_path):
         check_writable_dir("/proc/nanonemotron/out", "out_dir")
 
 
+def test_atomic_dir_keeps_the_old_folder_until_the_new_one_is_in(tmp_path, monkeypatch):
+    import os
+    import configurator
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "w").write_text("old")
+
+    def write(tmp, text):
+        with open(os.path.join(tmp, "w"), "w") as f:
+            f.write(text)
+    with pytest.raises(ZeroDivisionError):   # the writer fails: nothing changes
+        configurator.atomic_dir(str(folder), lambda tmp: (write(tmp, "half"), 1 / 0))
+    assert (folder / "w").read_text() == "old" and os.listdir(tmp_path) == ["ckpt"]
+    real, calls = os.rename, []
+
+    def second_rename_fails(a, b):   # the old folder moved aside, then the new one cannot go in
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise OSError("disk went away")
+        return real(a, b)
+    monkeypatch.setattr(configurator.os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="disk went away"):
+        configurator.atomic_dir(str(folder), lambda tmp: write(tmp, "new"))
+    monkeypatch.setattr(configurator.os, "rename", real)
+    assert (folder / "w").read_text() == "old" and os.listdir(tmp_path) == ["ckpt"]   # put back, no leftovers
+    configurator.atomic_dir(str(folder), lambda tmp: write(tmp, "new"))
+    assert (folder / "w").read_text() == "new" and os.listdir(tmp_path) == ["ckpt"]
+
+
 def test_resolve_precision_follows_the_measured_cpu_speedup(monkeypatch):
     """auto: bf16 on a GPU; on a CPU bf16 only when a bf16 matmul is measured >= 1.3x faster."""
     import runtime
