@@ -14,6 +14,8 @@ total_batch_size = 8192    # 16 seqs x 256 tokens x 2 micro-steps
 device_batch_size = 16
 lr = 1e-3
 warmup_steps = 10
-max_steps = 120            # ~1M tokens
+max_steps = 300            # ~2.5M tokens. Seed 1337's child (1.53x) after 120 steps kept 90.2% of the
+                           # parent on the 1,000 chat tasks ("next": 43 vs 77%), after 240 steps 95.3%
+                           # ("next" 61%): the carry of "next" is the last skill to come back
 eval_interval = 60
 device = "cpu"

@@ -1,5 +1,5 @@
 # The nano parent of the CPU recipe: a 1.4M-parameter Llama, 6 layers, hidden 128, 4 query / 2 KV
-# heads, SwiGLU 384, on the built-in corpus from data.py (45% copy exercises, 40% conversations,
+# heads, SwiGLU 384, on the built-in corpus from data.py (40% copy exercises, 30% conversations,
 # loss on their targets only: README, "The nano world"). distill.py's defaults, spelled out: its
 # seq_len=0 / total_batch_size=0 resolve to these two for a model built from scratch (a 4,096-token
 # batch of 16 rows caps a row at 256 tokens).
