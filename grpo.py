@@ -708,6 +708,20 @@ def step_row(step, g, same, timed, cfg, batch_rates, modes, buckets, mu, with_re
     return row
 
 
+def load_inputs(cfg, device):
+    """The policy and its tokenizer, the frozen reference (only with kl_weight > 0), the prompts
+    and their file's digest (a resumed run must read the same file)."""
+    tok = load_tokenizer(cfg.init_from)
+    model = load_model(cfg.init_from)
+    check_vocab(tok, model.config, f"--init_from={cfg.init_from}")
+    rows = load_prompts(cfg.data)
+    check_context(cfg, tok, rows, model.config.max_position_embeddings)
+    reference = None
+    if cfg.kl_weight > 0:  # the frozen starting policy; with kl_weight 0 it is never loaded
+        reference = load_model(cfg.init_from, device=device).eval().requires_grad_(False)
+    return tok, model, reference, rows, file_digest(cfg.data)
+
+
 # ------------------------------------------------------------------------------------------------
 # What a resumed run must share with the run it continues: the prompt stream, the rollouts and the
 # update rule. Everything random is a function of (seed, step), so nothing else needs saving.
@@ -725,16 +739,8 @@ def main(cfg):
     say = (lambda msg: print(f"[grpo] {msg}", file=sys.stderr)) if master else (lambda msg: None)
     t_start = time.time()
 
-    tok = load_tokenizer(cfg.init_from)
-    model = load_model(cfg.init_from)
+    tok, model, reference, rows, digest = load_inputs(cfg, device)
     mcfg = model.config
-    check_vocab(tok, mcfg, f"--init_from={cfg.init_from}")
-    rows = load_prompts(cfg.data)
-    digest = file_digest(cfg.data)
-    check_context(cfg, tok, rows, mcfg.max_position_embeddings)
-    reference = None
-    if cfg.kl_weight > 0:  # the frozen starting policy; with kl_weight 0 it is never loaded
-        reference = load_model(cfg.init_from, device=device).eval().requires_grad_(False)
     start_step, state = 0, None
     if cfg.resume:
         model, state = load_for_resume(cfg, mcfg, RESUME_KEYS, cfg.max_steps, (cfg.data, "data_sha256", digest),

@@ -302,6 +302,28 @@ def draw_curves(cfg, rows, problems):
         plot_curves(os.path.join(cfg.out_dir, "accuracy_by_k.png"), rows, ks, title=title + " (reasoning on)")
 
 
+def plan_steps(cfg, stream, sources, mcfg, world_size, say, t0):
+    """Steps, micro-steps and warmup from --epochs / --max_steps; sets cfg.eval_interval to 0 when
+    it was left to the default (the generation evals cost ~10 s each: at 2/3 and the end only)."""
+    rows_per_step = cfg.total_batch_size // cfg.seq_len
+    accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, world_size)
+    max_steps = cfg.max_steps or stream.rows_in_epochs(cfg.epochs) // rows_per_step
+    if max_steps < 1:
+        raise ConfigError(f"--epochs={cfg.epochs} of {cfg.data} is {stream.rows_in_epochs(cfg.epochs)} rows, fewer "
+                          f"than one step of --total_batch_size={cfg.total_batch_size} ({rows_per_step} rows)")
+    evals = cfg.eval_interval is not None or auto_eval_interval(max_steps) is not None   # none for 1-2 steps
+    if cfg.eval_interval is None:
+        cfg.eval_interval = 0
+    epoch_rows = len(stream.epoch(0))
+    fill = sum(s.lengths.mean() * c for s, c in zip(sources, stream.counts))  # sample tokens per epoch
+    warmup = round(cfg.warmup_frac * max_steps)
+    say(f"{count_params(mcfg):,} params ({cfg.init_from}); epoch = {int(sum(stream.counts)):,} samples in "
+        f"{epoch_rows:,} rows of {cfg.seq_len} ({fill / (epoch_rows * cfg.seq_len):.1%} filled); "
+        f"{max_steps} steps = {max_steps * rows_per_step / epoch_rows:.2f} epochs; data ready in {time.time() - t0:.1f} s")
+    return {"rows_per_step": rows_per_step, "accum": accum, "max_steps": max_steps, "evals": evals,
+            "warmup": warmup, "epoch_rows": epoch_rows}
+
+
 # ------------------------------------------------------------------------------------------------
 # What a resumed run must share with the run it continues: the data stream and the LR schedule.
 RESUME_KEYS = ("init_from", "data", "seed", "seq_len", "total_batch_size", "epochs", "max_steps", "lr",
@@ -324,23 +346,11 @@ def main(cfg):
     sources, val_sources, stream, val_rows = load_data(cfg, tok, mcfg, dist.world_size, say)
     problems = [] if cfg.eval_interval is None and 0 < cfg.max_steps <= 2 else stage_eval_problems(cfg.eval_problems)
 
-    rows_per_step = cfg.total_batch_size // cfg.seq_len
-    accum = grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, dist.world_size)
-    max_steps = cfg.max_steps or stream.rows_in_epochs(cfg.epochs) // rows_per_step
-    if max_steps < 1:
-        raise ConfigError(f"--epochs={cfg.epochs} of {cfg.data} is {stream.rows_in_epochs(cfg.epochs)} rows, fewer "
-                          f"than one step of --total_batch_size={cfg.total_batch_size} ({rows_per_step} rows)")
-    evals = cfg.eval_interval is not None or auto_eval_interval(max_steps) is not None   # none for 1-2 steps
-    if cfg.eval_interval is None:   # the generation evals cost ~10 s each: at 2/3 and the end only
-        cfg.eval_interval = 0
-        problems = problems if evals else []
-    epoch_rows = len(stream.epoch(0))
-    fill = sum(s.lengths.mean() * c for s, c in zip(sources, stream.counts))  # sample tokens per epoch
+    plan = plan_steps(cfg, stream, sources, mcfg, dist.world_size, say, t0)
+    rows_per_step, accum, max_steps, warmup, epoch_rows, evals = (
+        plan[k] for k in ("rows_per_step", "accum", "max_steps", "warmup", "epoch_rows", "evals"))
+    problems = problems if evals else []
     data_stats = {s.path: s.stats() for s in sources}
-    warmup = round(cfg.warmup_frac * max_steps)
-    say(f"{count_params(mcfg):,} params ({cfg.init_from}); epoch = {int(sum(stream.counts)):,} samples in "
-        f"{epoch_rows:,} rows of {cfg.seq_len} ({fill / (epoch_rows * cfg.seq_len):.1%} filled); "
-        f"{max_steps} steps = {max_steps * rows_per_step / epoch_rows:.2f} epochs; data ready in {time.time() - t0:.1f} s")
 
     start_step, state = 0, None
     if cfg.resume:
