@@ -1190,10 +1190,12 @@ class DataConfig:
                                      # answered directly (what makes the parent an instruct model).
                                      # The rest after chat and copy is plain text, the only place the
                                      # addition table is taught: with 0.4 / 0.45 (text 15%) the parent
-                                     # of seed 1337 predicted 12 of the 100 sums `a+b=` (chance), so
-                                     # SFT had to teach arithmetic to the smaller Puzzle child and
-                                     # failed (11%); with 0.3 / 0.4 (text 30%) 99.8% of the table's
-                                     # sums, and the child after KD 98.8% (README, "The nano world")
+                                     # of seed 1337 got 46% of the `=` of held-out addition tables
+                                     # right (the second `=` of a line restates the first: chance on
+                                     # the sums), so SFT had to teach arithmetic to the smaller Puzzle
+                                     # child and failed (11%); with 0.3 / 0.4 (text 30%) 99.8%, the
+                                     # child after KD 98.8%; seeds 2 and 3 still 53%, 56%
+                                     # (README, "What the nano recipe shows")
     parent_chat_loss: str = "answers"  # answers: the loss falls on the conversations' answers only
                                      # (the chat template's mask) | all: on every token
     parent_copy_frac: float = 0.4    # share of pretraining tokens that are copy exercises (loss on
