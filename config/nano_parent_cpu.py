@@ -19,4 +19,5 @@ device_batch_size = 16
 lr = 3e-3
 warmup_steps = 30
 device = "cpu"
-max_steps = 800            # 3.3M tokens
+max_steps = 1200           # 4.9M tokens. At 800 steps seed 3's parent copied poorly (echo / list 49 / 41%,
+                           # 77.1% on the 1,000 chat tasks); at 1,200 100 / 100% (98.4%), seed 2 94.5 -> 96.7%
