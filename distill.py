@@ -73,7 +73,7 @@ class DistillConfig:
                                          # micro-steps (runtime.auto_total_batch): many small steps form the
                                          # copy circuit sooner (README, "The nano world")
     device_batch_size: int = 16          # sequences per micro-step per process
-    max_steps: int = 800                 # length of the run and of the LR schedule (3.3M tokens, ~6 min here)
+    max_steps: int = 1200                # length of the run and of the LR schedule (4.9M tokens, ~5 min here)
     stop_after: int = 0                  # end this invocation after this many more steps (0 = run
                                          # to max_steps); continue later with --resume=True
     lr: float = 3e-3
