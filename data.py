@@ -458,11 +458,13 @@ def check_format(response_text, reasoning):
 # prompt: a digit occurs many times in a chain, so "the operand after the one I just used" is
 # ambiguous. Each operand therefore carries an index hint, a letter (Zhou et al. 2023; the RASP-L
 # view: a step that is the same short program at every length), and the trace adds one operand
-# per line, every line the same width at every k:
-#     prompt  Add mod 10: v3+w5+x2+y7
+# per line, every line the same width at every k, and the prompt closes with the letter after the
+# last operand's and a full stop, which the trace's last line copies:
+#     prompt  Add mod 10: v3+w5+x2+y7+z.
 #     trace   v3+w5=8        the running total, then the next hint: `x` follows `w` (the line
 #             8+x2=0         above, a fixed offset back), and the digit after `x` in the prompt
 #             0+y7=7         (a unique key, so one induction lookup finds it)
+#             7+z.           the same lookup finds the full stop: the chain has ended
 # The letters are consecutive from a start the operands pick (`chain_hints`), so every letter
 # occurs at every position. Measured, greedy, 1,500 test chains (k = 3..8), SFT with 1% of its
 # chains k = 7..8, then GRPO with the default flags:
@@ -474,9 +476,19 @@ def check_format(response_text, reasoning):
 #     never used `g` or `h` (pass@1 0.09-0.10 = chance); GRPO -0.4 and +0.1 points.
 #   - hints from a start the operands pick, seed 1337's child of the run above: SFT 84.1%
 #     (k = 7 / 8 67 / 51%), GRPO 91.0% (74 / 80%): +6.9 points, 43% of SFT's errors.
+# Past the lengths SFT was taught, two more things decide (seed 1337's child, SFT taught k <= 6
+# and 1% k = 7..8, greedy on 30 val chains per k = 9 / 10 / 11 / 12):
+#   - without the closing `z.` and without sft.py's position gaps: 3 / 10 / 13 / 7%. At k = 11..12
+#     the first line started at an operand ~8 back from the prompt's end (found by distance, not by
+#     its letter); at k = 9..10 the model stopped after 4-5 lines.
+#   - position gaps alone (--pos_gap=24): every line right up to the 8th, then no stop: it added
+#     letters past the last (`4+r9=3`): 7 / 3 / 13 / 13%.
+#   - the closing `z.` alone: 40 / 20 / 10 / 10%.
+#   - both: 100 / 97 / 63 / 33%. The stop is the lookup every line already makes.
 # The earlier prototype's running-total trace without hints (`3+5+2+7 / 8+2+7 / 0+7 / 7`) reached
 # ~10% on k=3..8.
-# k = number of operands, 2..8 by default; 10^k distinct problems per k.
+# k = number of operands: 2..8 in pretraining and SFT, 9..12 for GRPO, 3..12 held out; 10^k distinct
+# problems per k.
 # Splits are disjoint at the problem level (no prompt is in two splits; pretraining, SFT and RL
 # use train problems only); a trace line (`8+c2=0`) is one addition, never a held-out prompt. Evaluate on k >= 3 (k=2 is the addition
 # table, which the pretraining corpus states in full).
@@ -485,6 +497,7 @@ def check_format(response_text, reasoning):
 # echo / count / last word / list over a 32-word vocabulary, and next (successor of 0..9998).
 
 ADD_TASK = "addmod10"
+EVAL_K_MIN, EVAL_K_MAX = 3, 12   # held-out chains: k = 3..12 (SFT is taught k <= 8, GRPO k = 9..12)
 CHAT_TASKS = ("echo", "count", "last", "list", "next")
 TASKS = (ADD_TASK,) + CHAT_TASKS
 WORDS = ("cat", "dog", "sun", "red", "box", "tree", "fish", "blue", "car", "hat", "moon", "star",
@@ -505,35 +518,44 @@ def problem_split(problem):
 
 
 def addmod_problem(operands):
-    """A chain problem from its operands (digits 0..9, at most 26: one letter each), with prompt,
-    answer and fixed-width trace (see the block above)."""
+    """A chain problem from its operands (digits 0..9, at most 25: one letter each and one for the
+    end), with prompt, answer and fixed-width trace (see the block above)."""
     ops = [int(d) for d in operands]
-    if not 2 <= len(ops) <= len(HINTS) or any(not 0 <= d <= 9 for d in ops):
-        raise ValueError(f"need 2..{len(HINTS)} single digits, got {operands!r}")
+    if not 2 <= len(ops) <= len(HINTS) - 1 or any(not 0 <= d <= 9 for d in ops):
+        raise ValueError(f"need 2..{len(HINTS) - 1} single digits, got {operands!r}")
     hints = chain_hints(ops)
     total = (ops[0] + ops[1]) % 10
     lines = [f"{hints[0]}{ops[0]}+{hints[1]}{ops[1]}={total}"]
     for hint, d in zip(hints[2:], ops[2:]):
         lines.append(f"{total}+{hint}{d}={(total + d) % 10}")
         total = (total + d) % 10
+    lines.append(f"{total}+{hints[len(ops)]}{CHAIN_END}")
     return {"task": ADD_TASK, "k": len(ops), "operands": ops,
-            "prompt": f"Add mod 10: {chain_text(ops)}", "answer": str(total), "trace": "\n".join(lines)}
+            "prompt": chain_prompt(ops), "answer": str(total), "trace": "\n".join(lines)}
 
 
 HINTS = "abcdefghijklmnopqrstuvwxyz"   # the index hint of each operand
+CHAIN_END = "."                        # follows the letter after the last operand's
 
 
 def chain_hints(operands):
-    """The index hints of a chain: consecutive letters from a start the operands pick (a hash, so a
-    problem has one prompt), wrapping z -> a: `h3+i5+j2`. With every chain starting at `a`, SFT's
-    k <= 6 chains never used `g` or `h`, and at k = 7 the model wrote `g` and then a guess."""
+    """The index hints of a chain and the letter after its last: consecutive letters from a start
+    the operands pick (a hash, so a problem has one prompt), wrapping z -> a: `h3+i5+j2` -> h i j k.
+    With every chain starting at `a`, SFT's k <= 6 chains never used `g` or `h`, and at k = 7 the
+    model wrote `g` and then a guess."""
     start = hashlib.sha256("".join(map(str, operands)).encode()).digest()[0] % len(HINTS)
-    return [HINTS[(start + i) % len(HINTS)] for i in range(len(operands))]
+    return [HINTS[(start + i) % len(HINTS)] for i in range(len(operands) + 1)]
 
 
 def chain_text(operands):
     """A chain with its index hints, `h3+i5+j2+k7`."""
     return "+".join(f"{h}{d}" for h, d in zip(chain_hints(operands), operands))
+
+
+def chain_prompt(operands):
+    """The user turn of a chain: `Add mod 10: h3+i5+j2+k.`, the letter after the last operand's
+    and a full stop closing it."""
+    return f"Add mod 10: {chain_text(operands)}+{chain_hints(operands)[-1]}{CHAIN_END}"
 
 
 def chat_problem(task, args):
@@ -587,7 +609,7 @@ def split_capacity(split, k):
         return 10 ** k   # not enumerated; 8% of 10^7 problems is more than any --*_per_k wants
     # the prompt alone decides the split: hash it without building each problem's trace (k=6 is
     # 10^6 prompts, ~1 s this way, 45 s through addmod_problem)
-    return sum(problem_split({"task": ADD_TASK, "prompt": f"Add mod 10: {chain_text(ops)}"}) == split
+    return sum(problem_split({"task": ADD_TASK, "prompt": chain_prompt(ops)}) == split
                for ops in itertools.product(range(10), repeat=k))
 
 
@@ -615,11 +637,10 @@ def generate_problems(task, split, n, seed, k_min=2, k_max=8, unique=False):
     return out
 
 
-def heldout_problems(split, n, seed, k_min=3, k_max=8, chat_share=0.4, n_chat=None):
+def heldout_problems(split, n, seed, k_min=EVAL_K_MIN, k_max=EVAL_K_MAX, chat_share=0.4, n_chat=None):
     """n distinct problems of a held-out split ("val" or "test") for evaluation: addition chains
     spread evenly over k in [k_min, k_max] (k=2 is the addition table, stated in pretraining), and
-    n_chat (default: chat_share of n) chat tasks. 500 problems: 50 chains per k = 3..8 + 200 chat,
-    data.py's test_problems.jsonl. Another seed gives another sample of the split."""
+    n_chat (default: chat_share of n) chat tasks. 500 problems: 30 chains per k = 3..12 + 200 chat. Another seed gives another sample of the split."""
     if n < 1:
         raise ValueError(f"heldout_problems: n must be >= 1, got {n}")
     n_chat = round(n * chat_share) if n_chat is None else n_chat
@@ -635,7 +656,7 @@ def heldout_problems(split, n, seed, k_min=3, k_max=8, chat_share=0.4, n_chat=No
 def chains_per_k(split, n, k_min, k_max):
     """n chains spread evenly over k in [k_min, k_max], except that a k whose split holds few
     distinct chains gives at most half of them (k=3: 104 in test, so at most 52) and the longer
-    chains take the rest. 500 test problems (300 chains) are 50 per k = 3..8 either way."""
+    chains take the rest. 500 test problems (300 chains) are 30 per k = 3..12 either way."""
     ks = list(range(k_min, k_max + 1))
     cap = {k: split_capacity(split, k) // 2 for k in ks}
     out, free = {}, list(ks)
@@ -1173,16 +1194,15 @@ class DataConfig:
     pretrain_tokens: int = 2_000_000   # ~2-3 min at ~15k tok/s on 2 cores (design.md)
     pretrain_val_tokens: int = 100_000
     k_min: int = 2                   # chain lengths for training (k=2 is the addition table)
-    k_max: int = 8                   # k=8 was ~10% in the prototype: headroom for RL
-    eval_k_min: int = 3              # val/test chains; k=2 is only 100 problems, all in pretraining
-    sft_k_max: int = 6               # SFT chains stop here: k = 7..8 are left to RL (the paper
-                                     # leaves its hardest problems to the RL stage)
-    sft_long_frac: float = 0.01      # a few SFT chains past sft_k_max (k = 7..8), so RL starts where
-                                     # the policy succeeds sometimes. Greedy k = 7 / 8 after SFT (seed
-                                     # 1337): 0%: 12 / 8% (GRPO's groups held no success, -0.2 points);
-                                     # 0.5%: 12 / 48%; 1%: 81 / 44% (pass@8 at k = 8: 0.70), and GRPO
-                                     # took the chains 85.5 -> 99.3%; 3%: 100 / 97%, nothing left to RL
-                                     # (README, "The nano world")
+    k_max: int = EVAL_K_MAX          # the longest chains: val/test and RL go up to k = 12
+    eval_k_min: int = EVAL_K_MIN     # val/test chains; k=2 is only 100 problems, all in pretraining
+    pretrain_k_max: int = 8          # chains in the pretraining text and conversations: k <= 8
+    sft_k_max: int = 8               # SFT chains stop here: k = 9..12 are left to RL (the paper
+                                     # leaves its hardest problems to the RL stage). SFT taught k <= 6
+                                     # (and 1% k = 7..8) left RL nothing once SFT had converged: it
+                                     # learnt every length it saw and failed outright past them
+                                     # (README, "What the nano recipe shows")
+    sft_long_frac: float = 0.0       # > 0: this share of SFT's chains past sft_k_max (k_max at most)
     sft_train: int = 20_000          # SFT rows; each prompt appears in "on" and "off" mode
     sft_val: int = 1_000
     chat_frac: float = 0.25          # share of chat-style prompts in SFT
@@ -1207,9 +1227,8 @@ class DataConfig:
     instruct_val: int = 0            # phase of the parent with sft.py (loss on the answers only); 150-250
                                      # such steps after pretraining did not make the parent copy (README)
     rl_train: int = 4_000            # addmod10 prompts for GRPO
-    rl_k_min: int = 7                # their chain lengths: rl_k_min..k_max. SFT solves k <= 6 every time
-                                     # (pass@1 0.99 at k = 6: the prefilter drops them), so drawing from
-                                     # k <= 6 spent most of the prefilter's samples on prompts it drops
+    rl_k_min: int = 9                # their chain lengths: rl_k_min..k_max, past SFT's (pass@1 ~1 at
+                                     # k <= 8: the prefilter would drop them)
     val_per_k: int = 30              # unique val problems per k (k=3 has ~100 in each split)
     test_per_k: int = 50
     test_chat: int = 200
@@ -1247,6 +1266,8 @@ class DataConfig:
               f"must satisfy 2 <= eval_k_min <= --k_max={self.k_max}")
         check(self.k_min <= self.rl_k_min <= self.k_max, "rl_k_min", self.rl_k_min,
               f"must satisfy --k_min={self.k_min} <= rl_k_min <= --k_max={self.k_max}")
+        check(self.k_min <= self.pretrain_k_max <= self.k_max, "pretrain_k_max", self.pretrain_k_max,
+              f"must satisfy --k_min={self.k_min} <= pretrain_k_max <= --k_max={self.k_max}")
         check(self.k_min <= self.sft_k_max <= self.k_max, "sft_k_max", self.sft_k_max,
               f"must satisfy --k_min={self.k_min} <= sft_k_max <= --k_max={self.k_max}")
         for name in ("sft_train", "sft_val"):  # each prompt appears once "on" and once "off"
@@ -1286,7 +1307,7 @@ def prepare(cfg):
     out = cfg.out_dir
     os.makedirs(out, exist_ok=True)
     # 1. tokenizer, trained on pretraining text + SFT text (so the chat strings get merges too)
-    sample_docs = build_pretrain_corpus(400, cfg.seed + 7, "train", cfg.k_min, cfg.k_max)
+    sample_docs = build_pretrain_corpus(400, cfg.seed + 7, "train", cfg.k_min, cfg.pretrain_k_max)
     # role names and system prompts as the template lays them out, so they get merges too
     sample_sft = [f"system\n\n{r['system_prompt']}\nuser\n\n{r['input'][0]['content']}\n"
                   f"assistant\n\n{r['output']}" for r in _sft_rows(2000, "train", cfg.seed + 7, cfg)]
@@ -1312,13 +1333,13 @@ def prepare(cfg):
         text_frac = 1 - cfg.parent_chat_frac - cfg.parent_copy_frac
         while n_tok < budget:
             bseed = cfg.seed * 1000 + batch
-            texts = build_pretrain_corpus(500, bseed, split, cfg.k_min, cfg.k_max)
+            texts = build_pretrain_corpus(500, bseed, split, cfg.k_min, cfg.pretrain_k_max)
             batch_docs = [([tok.bos_id] + ids, None, "text") for ids in tok.encode_batch(texts)]
             text_tok = sum(len(d) for d, _, _ in batch_docs)
             if cfg.parent_chat_frac > 0:  # conversations: parent_chat_frac of the tokens
                 want = text_tok * cfg.parent_chat_frac / text_frac
                 batch_docs += [(d, m if cfg.parent_chat_loss == "answers" else None, "chat") for d, m in build_chat_documents(
-                    tok, max(1, round(want / 50)), bseed, split, cfg.k_min, cfg.k_max)]  # ~50 tokens each
+                    tok, max(1, round(want / 50)), bseed, split, cfg.k_min, cfg.pretrain_k_max)]  # ~50 tokens each
             if cfg.parent_copy_frac > 0:  # copy exercises: parent_copy_frac of the tokens (~90 each)
                 want = text_tok * cfg.parent_copy_frac / text_frac
                 batch_docs += [(d, m, "copy") for d, m in build_copy_documents(tok, max(1, round(want / 90)),
@@ -1348,7 +1369,7 @@ def prepare(cfg):
     for name, n, split in (("instruct_train", cfg.instruct_train, "train"), ("instruct_val", cfg.instruct_val, "val")):
         if not n:
             continue
-        rows = instruct_rows(n, split, cfg.seed, cfg.k_min, cfg.k_max)
+        rows = instruct_rows(n, split, cfg.seed, cfg.k_min, cfg.pretrain_k_max)
         write_sft_jsonl(rows, os.path.join(out, f"{name}.jsonl"))
         sizes[name] = {"rows": len(rows)}
     rl = generate_problems(ADD_TASK, "train", cfg.rl_train, cfg.seed + 2, cfg.rl_k_min, cfg.k_max)

@@ -33,7 +33,7 @@ A step of the run:
 
 Data (--data): JSONL rows {"prompt", "answer", optional "reasoning": "on"|"off" (the mode to train
 the prompt in), optional "pass_rate" (skips its prefiltering)}; data.py writes the nano world's
-out/data/rl_train.jsonl (4,000 addition chains, k = 7..8). The rollout accuracy is data.verify on
+out/data/rl_train.jsonl (4,000 addition chains, k = 9..12). The rollout accuracy is data.verify on
 the answer part (after </think>), so any task whose answer is checkable by exact match works.
 
 Scale: each group is generated and trained on one process; generate calls ("chunks" of
@@ -95,7 +95,7 @@ class GRPOConfig:
     prompts_per_step: int = 16              # groups per rollout batch
     group_size: int = 8                     # G samples per prompt
     gen_groups: int = 8                     # groups per generate call: 64 rows, the unit dealt to a process
-    max_new_tokens: int = 96                # a k=8 chain's trace + answer is 79 tokens
+    max_new_tokens: int = 128               # a k=12 chain's trace + answer is ~112 tokens
     temperature: float = 1.0
     top_p: float = 1.0
     on_fraction: float = 0.75               # share of "on" groups among prompts without a reasoning field

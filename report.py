@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import load_config
 from configurator import ConfigError, atomic_write, check_readable, read_json_object, run_main, write_json
-from data import ADD_TASK, CHAT_TASKS
+from data import ADD_TASK, CHAT_TASKS, EVAL_K_MAX, EVAL_K_MIN
 from model import count_params, kv_bytes_per_token
 from runtime import moving_average, read_metrics
 
@@ -233,7 +233,7 @@ def markdown(r):
         f"Device: {r['device']}. Wall time: {sec['total']} s "
         f"({', '.join(f'{k} {v} s' for k, v in sec.items() if k != 'total')}). "
         f"Every accuracy: `sample.py --eval` on {r['n_problems']} held-out test problems "
-        f"({r['sft']['n_chains']} addition chains k = 3..8, {r['parent']['n_chat']} direct-answer chat tasks), greedy, "
+        f"({r['sft']['n_chains']} addition chains k = {EVAL_K_MIN}..{EVAL_K_MAX}, {r['parent']['n_chat']} direct-answer chat tasks), greedy, "
         "the same for every model. "
         "Parent and child are judged on the chat tasks (their better mode), SFT and GRPO on the chains.", "",
         "## Checks (the paper's claims at nano scale)", "",

@@ -454,7 +454,7 @@ def load_trainer_state(out_dir):
     return state
 
 
-def heldout_capacity(split, k_min=3, k_max=8, chat_share=0.4):
+def heldout_capacity(split, k_min=None, k_max=None, chat_share=0.4):
     """Upper bounds on the distinct problems data.heldout_problems can draw from a held-out split:
     (chains, chat tasks). Chains: half of each k's distinct chains in the split (chains_per_k's cap;
     k > 6 estimated from the split's fraction of 10^k); chat: the split's fraction of the distinct
@@ -462,6 +462,8 @@ def heldout_capacity(split, k_min=3, k_max=8, chat_share=0.4):
     import math as _m
     import data
     frac = data.SPLIT_FRACTIONS[split]
+    k_min = data.EVAL_K_MIN if k_min is None else k_min
+    k_max = data.EVAL_K_MAX if k_max is None else k_max
     chains = sum((data.split_capacity(split, k) if k <= 6 else int(frac * 10 ** k)) // 2
                  for k in range(k_min, k_max + 1))
     lists = sum(_m.perm(len(data.WORDS), r) for r in range(1, 6))
@@ -477,11 +479,13 @@ def check_heldout_size(flag, n, split, chat_share=0.4):
     has spun through 200 n tries)."""
     if not n:
         return
+    import data
     chains, chat = heldout_capacity(split)
     n_chat = round(n * chat_share)
     if n > MAX_EVAL_PROBLEMS or n - n_chat > chains or n_chat > chat:
         raise ConfigError(f"--{flag}={n}: the {split} split holds at most {min(chains + chat, MAX_EVAL_PROBLEMS):,} "
-                          f"distinct problems for an evaluation ({chains:,} chains k=3..8, {chat:,} chat tasks, "
+                          f"distinct problems for an evaluation ({chains:,} chains k={data.EVAL_K_MIN}..{data.EVAL_K_MAX}, "
+                          f"{chat:,} chat tasks, "
                           f"at most {MAX_EVAL_PROBLEMS:,} in all); use a smaller --{flag}")
 
 

@@ -7,7 +7,7 @@ goes in the user turn. The paper decodes reasoning-on with temperature 0.6 / top
 reasoning-off greedily: those are the defaults for a single prompt when --temperature / --top_p
 are not given. Evaluation is greedy unless --temperature is given.
 
-    python sample.py --ckpt=out/sft --prompt="Add mod 10: y3+z5+a2" --reasoning=on
+    python sample.py --ckpt=out/sft --prompt="Add mod 10: y3+z5+a2+b." --reasoning=on
     python sample.py --ckpt=out/sft --eval=True --reasoning=on --n=500 --seed=1  # held-out accuracy
     python sample.py --ckpt=out/sft --eval=True --problems=my_problems.jsonl      # {"prompt", "answer"} rows
     python sample.py --ckpt=out/child --bench=True --batch_size=32              # prefill / decode tokens/s
@@ -48,7 +48,7 @@ from runtime import (check_decode_fits, check_heldout_size, check_vocab, pick_de
 class SampleConfig:
     ckpt: str = "out/parent"           # checkpoint folder (any format model.py reads)
     # one prompt (the default action)
-    prompt: str = "Add mod 10: v3+w5+x2+y7"  # the user turn
+    prompt: str = "Add mod 10: v3+w5+x2+y7+z."  # the user turn
     reasoning: str = "on"              # on | off: the system prompt toggle
     chat: bool = True                  # False: continue --prompt as plain text (a base model)
     temperature: float | None = None   # default: 0.6 when reasoning is on, 0 (greedy) when off; eval: 0

@@ -30,6 +30,9 @@ needs no weight): each epoch holds as many samples as all files together, 70% of
 Packing: the samples of an epoch (shuffled) go into rows of --seq_len tokens, first fit over the
 last 64 open rows; every sample is its own document (doc_ids: no attention across samples) with
 RoPE positions restarting at 0; the tail of a row is a pad document whose targets are ignored.
+Position gaps (--pos_gap, not in the paper): each turn's positions start a random 0..24 past the
+end of the turn before it, so the nano model looks operands up by their letters, not by how far back they
+are, and its traces carry on past the longest chains it was taught (k = 9..12, left to GRPO).
 
 Reads: --init_from (any checkpoint model.py loads, with its tokenizer), --data, --val_data, the
 held-out "val" split of data.py's task world for the generation evals. Writes to --out_dir:
@@ -68,12 +71,18 @@ class SFTConfig:
     # model
     init_from: str = "out/child"               # the Puzzle child after KD (any model.py checkpoint)
     # optimisation
-    epochs: float = 2.0                        # passes over the data (nano: ~440 steps, ~1.7 min here).
-                                               # Seed 1337, held-out chains at 2/3 of the steps -> the end:
-                                               # 2 epochs 91.9 -> 99.2%, 3 epochs 92.5 -> 98.9%, 4 epochs
-                                               # 98.9 -> 100% (converged; pass@1 0.99 at k = 7..8, so GRPO's
-                                               # prefilter kept 13 of 4,000 prompts: nothing left to RL).
-                                               # 2 leaves k = 7..8 to RL, unconverged (README)
+    epochs: float = 4.0                        # passes over the data (nano: ~1,000 steps, ~3.5 min here).
+                                               # Seed 1337's child, held-out val chains k = 3..12 at 2/3 of
+                                               # the steps -> the end: 2 epochs 32.5 -> 87.2% (+54.7: not
+                                               # converged), 4 epochs 95.3 -> 96.4% (+1.1, converged), with
+                                               # k = 11 / 12 (never taught) at 94 / 78%: room left to RL
+    pos_gap: int = 24                          # RoPE positions of each turn (user, assistant) start 0..pos_gap
+                                               # (uniform) past the turn before it, so no step can find its
+                                               # operand by distance alone and must look it up by its letter.
+                                               # Seed 1337's child, SFT taught k <= 6 (and 1% k = 7..8), 2
+                                               # epochs, greedy k = 9 / 10 / 11 / 12: 0: 40 / 20 / 10 / 10%
+                                               # (chance: 10); 24: 100 / 97 / 63 / 33% (data.py, the trace
+                                               # block); 48 (before the trace's closing line): k = 8 fell to 63%
     max_steps: int = 0                         # > 0: run this many steps instead of --epochs
     total_batch_size: int = 0                  # tokens per optimizer step; 0 = ~4096 (16 rows x 256, ~75
                                                # samples) rounded to a multiple of device_batch_size x seq_len
@@ -123,7 +132,7 @@ class SFTConfig:
             check_range(self, "seq_len", 8, context)
         check_positive(self, "epochs", "device_batch_size", "lr", "grad_clip", "eval_max_new_tokens", "log_interval")
         for name in ("vocab_chunk", "max_steps", "stop_after", "eval_interval", "eval_rows", "eval_problems", "ckpt_interval",
-                     "weight_decay", "total_batch_size"):
+                     "weight_decay", "total_batch_size", "pos_gap"):
             if getattr(self, name) is not None:
                 check_range(self, name, 0)
         check_range(self, "min_lr_frac", 0, 1)
@@ -189,10 +198,13 @@ def load_data(cfg, tok, mcfg, world_size, say):
     return sources, val_sources, RowStream(sources, cfg.seq_len, cfg.seed), val_rows
 
 
-def make_batch(rows, sources, seq_len, pad_id, device):
+def make_batch(rows, sources, seq_len, pad_id, device, pos_gap=0, seed=0, turn_id=None):
     """Packed rows -> x, y (targets, -100 = no loss), doc_ids, positions, each (B, seq_len).
     Sample d of a row is document d, with positions 0..len-1; the rest of the row is a pad
-    document (id = number of samples) whose targets are ignored."""
+    document (id = number of samples) whose targets are ignored. pos_gap > 0: every turn after the
+    first (a turn_id token: the chat template's start-of-header) starts 0..pos_gap positions after
+    the turn before it ended, drawn from the seed and the rows (a resume replays the same gaps)."""
+    rng = np.random.default_rng([seed] + [i * 1_000_003 + j for row in rows for i, j in row]) if pos_gap else None
     B = len(rows)
     x = np.full((B, seq_len), pad_id, dtype=np.int64)
     y = np.full((B, seq_len), -100, dtype=np.int64)
@@ -204,6 +216,9 @@ def make_batch(rows, sources, seq_len, pad_id, device):
             ids, tgt = sources[i].ids[j], sources[i].targets[j]
             n = len(ids)
             x[b, t:t + n], y[b, t:t + n - 1], doc[b, t:t + n], pos[b, t:t + n] = ids, tgt, d, np.arange(n)
+            if pos_gap:
+                for h in np.flatnonzero(np.asarray(ids) == turn_id)[1:]:
+                    pos[b, t + h:t + n] += int(rng.integers(0, pos_gap + 1))
             t += n
         doc[b, t:], pos[b, t:] = len(row), np.arange(seq_len - t)
     return tuple(torch.from_numpy(a).to(device) for a in (x, y, doc, pos))
@@ -218,7 +233,7 @@ def loss_sum(model, x, y, doc, pos, vocab_chunk):
     return chunked_cross_entropy(h, raw.lm_head.weight, y, vocab_chunk)
 
 
-def step_gradients(model, rows, n_targets, sources, accum, cfg, dist, pad_id):
+def step_gradients(model, rows, n_targets, sources, accum, cfg, dist, pad_id, turn_id=None):
     """Gradients of one step over its global batch of packed rows; returns the step's loss.
     The loss is the mean over the assistant tokens of the whole global batch: each process
     divides its sum by the global count (known to all: the stream is), and DDP averages
@@ -228,7 +243,7 @@ def step_gradients(model, rows, n_targets, sources, accum, cfg, dist, pad_id):
     for m in range(accum):
         first = (m * dist.world_size + dist.rank) * cfg.device_batch_size
         x, y, doc, pos = make_batch(rows[first:first + cfg.device_batch_size], sources, cfg.seq_len,
-                                    pad_id, dist.device)
+                                    pad_id, dist.device, cfg.pos_gap, cfg.seed, turn_id)
         with grad_sync(model, m == accum - 1):
             with autocast(dist.device, cfg.precision):
                 part = loss_sum(model, x, y, doc, pos, cfg.vocab_chunk) / n_targets
@@ -327,7 +342,7 @@ def plan_steps(cfg, stream, sources, mcfg, world_size, say, t0):
 # ------------------------------------------------------------------------------------------------
 # What a resumed run must share with the run it continues: the data stream and the LR schedule.
 RESUME_KEYS = ("init_from", "data", "seed", "seq_len", "total_batch_size", "epochs", "max_steps", "lr",
-               "warmup_frac", "min_lr_frac", "weight_decay")
+               "warmup_frac", "min_lr_frac", "weight_decay", "pos_gap")
 
 
 def main(cfg):
@@ -386,7 +401,8 @@ def main(cfg):
         lr = lr_at(step, max_steps, cfg.lr, warmup, cfg.min_lr_frac)
         set_lr(opt, lr)
         rows = stream.rows(step * rows_per_step, rows_per_step)
-        loss = step_gradients(model, rows, stream.n_targets(rows), sources, accum, cfg, dist, pad_id)
+        loss = step_gradients(model, rows, stream.n_targets(rows), sources, accum, cfg, dist, pad_id,
+                              tok.start_header_id)
         if not math.isfinite(loss):
             raise NonFiniteError(f"step {step}: the SFT loss is not finite ({loss}); lower --lr")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))

@@ -37,7 +37,7 @@ if [[ $SMOKE == 1 ]]; then
   BENCH_ARGS="--batch_size=2 --prompt_len=4 --bench_tokens=4 --repeats=1 --compile=False"
 else
   DATA_ARGS="" PARENT_ARGS="" PUZZLE_ARGS="" KD_ARGS="" SFT_ARGS="" GRPO_ARGS=""
-  EVAL_ARGS="--n=2500 --batch_size=128"   # 1,000 direct-answer tasks + 1,500 chains (250 per k = 3..8):
+  EVAL_ARGS="--n=2500 --batch_size=128"   # 1,000 direct-answer tasks + 1,500 chains (150 per k = 3..12):
                                           # at 500, 95% of the parent was 5-6 problems, inside the noise
   BENCH_ARGS="--batch_size=32 --repeats=9"   # medians of 9 interleaved repeats: one child measured
 fi                                          # 1.41x in a run and 1.58x / 1.59x in the next two with 5

@@ -252,26 +252,29 @@ def test_split_reasoning_and_format():
 
 def test_addmod_trace_has_hints_and_fixed_width_lines():
     p = data.addmod_problem([3, 5, 2, 7])
-    assert p["prompt"] == "Add mod 10: v3+w5+x2+y7" and p["answer"] == "7"
-    assert p["trace"] == "v3+w5=8\n8+x2=0\n0+y7=7"
+    assert p["prompt"] == "Add mod 10: v3+w5+x2+y7+z." and p["answer"] == "7"
+    assert p["trace"] == "v3+w5=8\n8+x2=0\n0+y7=7\n7+z."
     assert data.chain_text([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 2 + [0] * 6).count("a") == 1  # 26 letters, each once
     starts = []
     for p in data.generate_problems("addmod10", "train", 200, seed=1):
         lines = p["trace"].splitlines()
-        assert len(lines) == p["k"] - 1 and lines[-1].endswith("=" + p["answer"])
+        assert len(lines) == p["k"] and lines[-2].endswith("=" + p["answer"])
         assert int(p["answer"]) == sum(p["operands"]) % 10
-        hinted = p["prompt"].removeprefix("Add mod 10: ").split("+")   # ['v3', 'w5', ...]
+        hinted = p["prompt"].removeprefix("Add mod 10: ").removesuffix(".").split("+")  # ['v3', ..., 'z']
+        end = hinted.pop()
         a = "abcdefghijklmnopqrstuvwxyz".index(hinted[0][0])             # consecutive letters, z -> a
         assert hinted == [f"{'abcdefghijklmnopqrstuvwxyz'[(a + i) % 26]}{d}" for i, d in enumerate(p["operands"])]
+        assert end == "abcdefghijklmnopqrstuvwxyz"[(a + p["k"]) % 26]   # the letter after the last
+        assert lines[-1] == f"{p['answer']}+{end}."                    # the stop: `7+z.`
         starts.append(a)
         assert lines[0] == f"{hinted[0]}+{hinted[1]}={sum(p['operands'][:2]) % 10}"
         total = int(lines[0][-1])
-        for i, line in enumerate(lines[1:], start=2):   # the running total + the next hinted operand
+        for i, line in enumerate(lines[1:-1], start=2):   # the running total + the next hinted operand
             assert line == f"{total}+{hinted[i]}={(total + p['operands'][i]) % 10}"
             assert len(line) == 6                       # the same width at every k
             total = int(line[-1])
     assert len(set(starts)) >= 20   # chains start at every letter (SFT's short chains use them all)
-    for bad in ([3], [1] * 27, [3, 10]):
+    for bad in ([3], [1] * 26, [3, 10]):   # 26 operands leave no letter for the stop
         with pytest.raises(ValueError, match="single digits"):
             data.addmod_problem(bad)
 
@@ -572,13 +575,15 @@ def test_prepare_small_world(tmp_path):
     rl = data.load_rl_jsonl(str(tmp_path / "rl_train.jsonl"))
     test = data.load_rl_jsonl(str(tmp_path / "test_problems.jsonl"))
     val = data.load_rl_jsonl(str(tmp_path / "val_problems.jsonl"))
-    assert len(rl) == 50 and len(test) == 6 * 5 + 20 and len(val) == 6 * 5 + 20
+    assert len(rl) == 50 and len(test) == 10 * 5 + 20 and len(val) == 10 * 5 + 20
     assert {p["prompt"] for p in test}.isdisjoint(p["prompt"] for p in rl + val)
-    assert {p["k"] for p in test if p["task"] == "addmod10"} == set(range(3, 9))
-    # SFT chains stop at --sft_k_max=6 but for --sft_long_frac=1% of them (k = 7..8: 1 of 75 chain
-    # prompts, in both modes); RL prompts (and the test) go on to k_max=8
+    assert {p["k"] for p in test if p["task"] == "addmod10"} == set(range(3, 13))
+    # SFT chains stop at --sft_k_max=8; RL prompts go on past them to k_max=12 (and the test)
     rows = [json.loads(line) for line in open(tmp_path / "sft_train.jsonl")]
     chains = [r for r in rows if r["task"] == "addmod10"]
-    assert {r["k"] for r in chains if r["k"] <= 6} == set(range(2, 7)) and len(chains) == 150
-    assert sorted(r["k"] > 6 for r in chains).count(True) == 2 and max(r["k"] for r in chains) <= 8
-    assert {p["k"] for p in rl} == {7, 8}   # RL: --rl_k_min=7..k_max
+    assert {r["k"] for r in chains} == set(range(2, 9)) and len(chains) == 150
+    assert {p["k"] for p in rl} == set(range(9, 13))   # RL: --rl_k_min=9..k_max
+    # the pretraining text and conversations hold chains of k <= --pretrain_k_max=8 only
+    text = "\n".join(data.build_pretrain_corpus(300, 5, "train", cfg.k_min, cfg.pretrain_k_max))
+    longest = max(len(m) for m in re.findall(r"(?:[a-z]\d\+)+[a-z]\d", text))
+    assert longest == 3 * 8 - 1                # `a1+b2+...+h8` (23 characters): 8 operands, never more

@@ -284,3 +284,30 @@ def test_cli_reports_errors_in_one_line(data_dir, init_dir, tmp_path):
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"error: {bad}:2: field 'output' is empty: the sample has no assistant response"
+
+
+def test_position_gaps_between_turns(data_dir):
+    """--pos_gap: every turn after the first (system, then user, then assistant) starts 0..pos_gap
+    positions after the turn before it, inside a turn positions step by one; the same rows get the
+    same gaps (a resume replays them) and gaps vary over turns; inputs and targets do not change."""
+    tok = load_tokenizer(data_dir)
+    src = data.Source(f"{data_dir}/sft_train.jsonl", 1.0, tok, CONTEXT, 768)
+    T = 2 * CONTEXT
+    rows = [[(0, j) for j in row] for row in data.pack(src.lengths[:40], T)]
+    plain = sft.make_batch(rows, [src], T, tok.pad_id, "cpu")
+    gapped = sft.make_batch(rows, [src], T, tok.pad_id, "cpu", pos_gap=24, seed=3, turn_id=tok.start_header_id)
+    assert all(torch.equal(a, b) for a, b in zip(plain[:3], gapped[:3]))       # x, y, doc unchanged
+    again = sft.make_batch(rows, [src], T, tok.pad_id, "cpu", pos_gap=24, seed=3, turn_id=tok.start_header_id)
+    assert torch.equal(gapped[3], again[3])
+    gaps = []
+    for b, row in enumerate(rows):
+        t = 0
+        for i, j in row:
+            n, ids = src.lengths[j], np.asarray(src.ids[j])
+            heads = list(np.flatnonzero(ids == tok.start_header_id))
+            assert len(heads) == 3 and heads[0] == 1                             # system, user, assistant
+            step = np.diff(gapped[3][b, t:t + n].numpy())
+            assert gapped[3][b, t] == 0 and set(np.flatnonzero(step != 1) + 1) <= set(heads[1:])
+            gaps += [int(step[h - 1]) - 1 for h in heads[1:]]
+            t += n
+    assert min(gaps) >= 0 and max(gaps) <= 24 and len(set(gaps)) >= 15          # drawn, not one shift
