@@ -167,6 +167,12 @@ class Tokenizer:
             raise ValueError(f"token id {bad[0]} outside the vocabulary (n_vocab={self.n_vocab})")
         return self.enc.decode(ids, errors="replace")
 
+    def decode_response(self, out):
+        """A generated response's ids (ending in a stop id if it stopped) -> (text without the stop
+        token, whether it stopped)."""
+        stopped = bool(out) and out[-1] in self.stop_ids
+        return self.decode(out[:-1] if stopped else out), stopped
+
     def _header(self, role):
         if role not in self._headers:
             self._headers[role] = ([self.start_header_id] + self.encode(role)

@@ -46,8 +46,7 @@ def generate_responses(model, tok, prompts, max_new_tokens, batch_size=64, tempe
                               stop_ids=tok.stop_ids, seed=seed + start, pad_id=tok.pad_id,
                               vocab_limit=tok.n_vocab, compile=compile)
         for i, out in zip(rows, outs):
-            stopped = bool(out) and out[-1] in tok.stop_ids
-            texts[i] = tok.decode(out[:-1] if stopped else out)
+            texts[i], stopped = tok.decode_response(out)
             truncated[i] = not stopped
         if progress is not None:
             progress.update(len(rows))

@@ -331,8 +331,7 @@ def sample_groups(model, tok, problems, modes, n_samples, rows_per_call, cfg, se
     samples = []
     for i, out in enumerate(outs[:len(prompts)]):
         problem, mode = problems[i // n_samples], modes[i // n_samples]
-        stopped = bool(out) and out[-1] in tok.stop_ids
-        text = tok.decode(out[:-1] if stopped else out)
+        text, stopped = tok.decode_response(out)
         # The response's tokens include the stop token: ending the turn is one of the policy's choices.
         samples.append({"prompt": prompts[i], "response": out, "text": text, "mode": mode,
                         "truncated": not stopped, **reward(problem, text, mode)})

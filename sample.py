@@ -302,12 +302,12 @@ def run_single(cfg, model, tok):
                           top_k=cfg.top_k, top_p=top_p, stop_ids=tok.stop_ids, seed=cfg.seed, pad_id=tok.pad_id,
                           vocab_limit=tok.n_vocab, compile=False)  # one call: compiling would cost more than it saves
     for i, out in enumerate(outs):
-        stopped = bool(out) and out[-1] in tok.stop_ids
+        text, stopped = tok.decode_response(out)
         if not stopped:
             print(f"[sample {i}: stopped at max_new_tokens, no end token]", file=sys.stderr)
         if cfg.num_samples > 1:
             print(f"--- sample {i} ---", file=sys.stderr)
-        sys.stdout.write(tok.decode(out[:-1] if stopped else out) + ("\n" if cfg.num_samples > 1 else ""))
+        sys.stdout.write(text + ("\n" if cfg.num_samples > 1 else ""))
     sys.stdout.flush()
 
 

@@ -121,7 +121,7 @@ def test_data_py(world):
          ["AFTER_WORK", "--vocab_size=100000", "corpus too small", "--tokenizer_chars"]),
         ("data.py", [out, "--k_min=5", "--k_max=3"], ["--k_max=3", "--k_min=5"]),
         ("data.py", [out, "--k_min=1"], ["--k_min=1"]),
-        ("data.py", [out, "--eval_k_min=9"], ["--eval_k_min=9"]),
+        ("data.py", [out, "--eval_k_min=13"], ["--eval_k_min=13"]),
         ("data.py", [out, "--test_per_k=500"], ["--test_per_k=500", "k=3"]),
         ("data.py", [out, "--pretrain_tokens=0"], ["--pretrain_tokens=0"]),
         ("data.py", [out, "--seed=abc"], ["--seed", "not a valid int"]),

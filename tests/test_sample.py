@@ -102,7 +102,7 @@ def test_heldout_problems_composition_and_seeds():
     a = heldout_problems("test", 500, seed=1)
     assert len(a) == 500 and len({p["prompt"] for p in a}) == 500
     assert sum(p["task"] == "addmod10" for p in a) == 300
-    assert {p["k"] for p in a if p["task"] == "addmod10"} == set(range(3, 9))
+    assert {p["k"] for p in a if p["task"] == "addmod10"} == set(range(3, 13))
     b = heldout_problems("test", 500, seed=2)
     assert {p["prompt"] for p in a} != {p["prompt"] for p in b}
 
