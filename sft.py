@@ -82,7 +82,11 @@ class SFTConfig:
                                                # Seed 1337's child, SFT taught k <= 6 (and 1% k = 7..8), 2
                                                # epochs, greedy k = 9 / 10 / 11 / 12: 0: 40 / 20 / 10 / 10%
                                                # (chance: 10); 24: 100 / 97 / 63 / 33% (data.py, the trace
-                                               # block); 48 (before the trace's closing line): k = 8 fell to 63%
+                                               # block); 48 (before the trace's closing line): k = 8 fell to 63%.
+                                               # SFT taught k <= 8, 4 epochs, whole runs: 24: seeds 2, 3 converged,
+                                               # seed 1337's traces past k = 8 ran away (97.9% think blocks); 32:
+                                               # seed 1337 99.9%, but seeds 2, 3 rose 3.1 / 2.8 points in the
+                                               # last third (README)
     max_steps: int = 0                         # > 0: run this many steps instead of --epochs
     total_batch_size: int = 0                  # tokens per optimizer step; 0 = ~4096 (16 rows x 256, ~75
                                                # samples) rounded to a multiple of device_batch_size x seq_len
