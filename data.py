@@ -646,7 +646,8 @@ def generate_problems(task, split, n, seed, k_min=2, k_max=8, unique=False):
 def heldout_problems(split, n, seed, k_min=EVAL_K_MIN, k_max=EVAL_K_MAX, chat_share=0.4, n_chat=None):
     """n distinct problems of a held-out split ("val" or "test") for evaluation: addition chains
     spread evenly over k in [k_min, k_max] (k=2 is the addition table, stated in pretraining), and
-    n_chat (default: chat_share of n) chat tasks. 500 problems: 30 chains per k = 3..12 + 200 chat. Another seed gives another sample of the split."""
+    n_chat (default: chat_share of n) chat tasks. 500 problems: 30 chains per k = 3..12 + 200 chat.
+    Another seed gives another sample of the split."""
     if n < 1:
         raise ValueError(f"heldout_problems: n must be >= 1, got {n}")
     n_chat = round(n * chat_share) if n_chat is None else n_chat
