@@ -116,13 +116,7 @@ def read_preset(path):
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.endswith(".json"):
-        try:
-            out = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(out, dict):
-            raise ConfigError(f"{path}: expected a JSON object of key: value")
-        return out
+        return read_json_object(path, context="config file ", expected="a JSON object of key: value")
     try:
         body = ast.parse(text, path).body
     except SyntaxError as e:

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 import time
@@ -1438,6 +1439,29 @@ def tokenize_corpus(cfg):
 
 def main(cfg):
     tokenize_corpus(cfg) if cfg.tokenize_text else prepare(cfg)
+
+
+def parse_data_spec(spec):
+    """'a.jsonl:0.7,b.jsonl:0.3' -> [(path, weight)]. One file needs no weight (1.0); several
+    each need one. Weights are relative (normalised to sum 1)."""
+    out = []
+    for part in spec.split(","):
+        path, weight = part.strip(), None
+        if ":" in path:
+            head, tail = path.rsplit(":", 1)
+            try:
+                weight = float(tail)
+                path = head
+            except ValueError:
+                pass  # a ':' that belongs to the path
+        if not path:
+            raise ConfigError(f"--data={spec!r}: empty file name in {part!r}")
+        if weight is not None and not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"--data={spec!r}: the weight of {path} must be a positive number, got {tail!r}")
+        out.append((path, weight))
+    if len(out) > 1 and any(w is None for _, w in out):
+        raise ConfigError(f"--data={spec!r}: with several files, give each a weight (path:weight,...)")
+    return [(p, 1.0 if w is None else w) for p, w in out]
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ Reads: token shards + tokenizer from --data_dir (data.py), optional --init_from 
 checkpoint folders. Writes to --out_dir: config.json + model.safetensors (native format), the
 tokenizer, trainer_state.pt (for --resume=True), train_config.json, metrics.jsonl, loss.png.
 """
-import hashlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +32,12 @@ from checkpoint import load_config, load_model
 from configurator import (check, check_choice, check_positive, check_range, check_readable)
 from data import load_token_shards, load_tokenizer
 from model import ModelConfig, NonFiniteError, Transformer, count_params
-from runtime import (all_sum, auto_eval_interval, auto_seq_len, auto_total_batch, autocast, check_out_dir,
-                     chunked_cross_entropy, chunked_kl, ConfigError, grad_accum_steps, grad_sync,
-                     interruptible, load_for_resume, lr_at, MetricsLog, plot_curves, PRECISIONS,
-                     prepare_for_training, read_metrics, resolve_precision, run_main, save_checkpoint, set_lr,
-                     setup_dist, step_offsets, teardown_dist, windows)
+from runtime import (all_sum, auto_eval_interval, autocast, check_batch, check_out_dir, chunked_cross_entropy,
+                     chunked_kl, ckpt_due, clip_and_step, ConfigError, data_fingerprint, estimate_flops_per_token,
+                     every, gpu_peak_flops, grad_accum_steps, grad_sync, interruptible, load_for_resume, lr_at,
+                     MetricsLog, nonfinite_message, plot_curves, PRECISIONS, prepare_for_training, read_metrics,
+                     resolve_lengths, run_main, save_checkpoint, set_lr, start_stage, step_offsets, teardown_dist,
+                     Throughput, windows)
 
 
 @dataclass
@@ -146,53 +145,6 @@ class DistillConfig:
                       resume=self.resume, overwrite=self.overwrite)
 
 
-def check_batch(cfg, resolved=False):
-    """resolved: seq_len came from --seq_len=0, so the message says where it came from (a user who
-    never set it would otherwise read of a seq_len of 256)."""
-    how = (f" (--seq_len=0 resolved to {cfg.seq_len}: the longest document rounded up to a power of two, at "
-           f"most the models' contexts and total_batch_size / device_batch_size; set --seq_len)" if resolved else "")
-    check(cfg.total_batch_size % (cfg.device_batch_size * cfg.seq_len) == 0, "total_batch_size",
-          cfg.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
-          f"{cfg.device_batch_size} * {cfg.seq_len} = {cfg.device_batch_size * cfg.seq_len}{how}")
-
-
-DEFAULT_BATCH_TOKENS = 4096
-
-
-def longest_document(data, bos_id, cap, block=1 << 24):
-    """Length of the longest document (BOS to BOS) of a token stream, or `cap` as soon as one
-    reaches it: read in blocks, so a large memmapped corpus is not loaded whole."""
-    longest, start = 0, 0
-    for a in range(0, len(data), block):
-        for p in np.flatnonzero(np.asarray(data[a:a + block]) == bos_id) + a:
-            longest, start = max(longest, int(p) - start), int(p)
-        if max(longest, min(len(data), a + block) - start) >= cap:
-            return cap
-    return max(longest, len(data) - start)
-
-
-def resolve_lengths(cfg, train, bos_id, contexts, world_size):
-    """--seq_len=0 and --total_batch_size=0: windows as long as the documents need, never longer
-    than a model's context (a 131,072-token Llama 3 context does not make 131,072-token windows)
-    nor than a micro-step's share of the batch; a batch of ~4096 tokens in whole micro-steps.
-    Resolved into cfg, so train_config.json records what ran."""
-    resolved = not cfg.seq_len
-    if resolved:
-        cap = min(contexts + [(cfg.total_batch_size or DEFAULT_BATCH_TOKENS) // cfg.device_batch_size])
-        cfg.seq_len = auto_seq_len(cap, longest_document(train, bos_id, max(1, cap)))
-    if not cfg.total_batch_size:
-        cfg.total_batch_size = auto_total_batch(DEFAULT_BATCH_TOKENS, cfg.device_batch_size, cfg.seq_len, world_size)
-    check_batch(cfg, resolved)
-
-
-def data_fingerprint(data):
-    """A cheap identity of a token stream (length + 4096 tokens spread over it), stored in the
-    checkpoint so that --resume=True refuses to continue on other data at the same path."""
-    idx = np.linspace(0, len(data) - 1, num=min(4096, len(data))).astype(np.int64)
-    sample = np.asarray(data[idx], dtype=np.int64)
-    return f"{len(data)}:{hashlib.sha256(sample.tobytes()).hexdigest()[:16]}"
-
-
 def parse_layer_map(spec, n_student, n_teacher):
     """Student layer -> teacher layer whose hidden states the cosine loss compares.
     'auto': same index when depths agree (a Puzzle child keeps the parent's depth), else
@@ -261,25 +213,6 @@ def build_student(cfg, n_vocab):
     return load_model(cfg.init_from)
 
 
-def estimate_flops_per_token(mcfg, seq_len):
-    """6 N (matmul weights, fwd + bwd) + 12 * attention-layers * heads * head_dim * T (scores and
-    values), the PaLM appendix B estimate. The embedding lookup is no matmul; lm_head is, even
-    when it shares its matrix with the embedding."""
-    n = count_params(mcfg) - mcfg.vocab_size * mcfg.hidden_size * (0 if mcfg.tie_word_embeddings else 1)
-    n_attn = sum(b.attention == "gqa" for b in mcfg.block_configs)
-    return 6 * n + 12 * n_attn * mcfg.num_attention_heads * mcfg.head_dim * seq_len
-
-
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
-
-
-def gpu_peak_flops(device):
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-
-
 @torch.no_grad()
 def evaluate(model, teacher, val, cfg, bos_id, device, layer_map, mask=None):
     """Mean per-token losses on fixed validation windows (the same windows at every eval); the LM
@@ -331,21 +264,6 @@ def step_gradients(model, teacher, train, step, cfg, dist, accum, bos_id, layer_
     return logged
 
 
-def nonfinite_message(what, step, start_step, model, cfg):
-    """Name a non-finite loss or gradient with its likely cause: weights that went non-finite
-    during this run (divergence: the learning rate), or a first step with finite weights (the
-    input: the --init_from / --teacher checkpoint or the data, which no --lr can fix)."""
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        return (f"step {step}: {what}; the weights hold non-finite values (NaN or inf): training diverged, "
-                f"lower --lr={cfg.lr} or raise --warmup_steps={cfg.warmup_steps}")
-    if step == start_step:
-        source = ", ".join(f"--{k}={getattr(cfg, k)}" for k in ("init_from", "teacher") if getattr(cfg, k)) or "--init_from=scratch"
-        return (f"step {step}: {what} at the first step of this run, with finite weights: the input causes it "
-                f"({source} or the data in --data_dir={cfg.data_dir}), not the learning rate")
-    return (f"step {step}: {what} with finite weights: training diverged; lower --lr={cfg.lr} or raise "
-            f"--warmup_steps={cfg.warmup_steps}")
-
-
 # What a resumed run must share with the run it continues: the data stream and the LR schedule.
 RESUME_KEYS = ("seed", "seq_len", "total_batch_size", "data_dir", "train_data", "max_steps", "lr",
                "warmup_steps", "min_lr_frac", "teacher", "kd_weight", "cosine_weight", "lm_weight", "layer_map")
@@ -392,10 +310,8 @@ def report(cfg, rows, end):
 
 
 def main(cfg):
-    dist = setup_dist(cfg.device)
+    dist, say = start_stage(cfg, "distill")   # processes, device, --precision, seed
     device, master = dist.device, dist.master
-    cfg.precision = resolve_precision(device, cfg.precision)   # "auto" -> what runs, recorded as such
-    torch.manual_seed(cfg.seed)
     tok, (train, train_mask), (val, val_mask) = load_data(cfg, dist.world_size)
 
     model = build_student(cfg, tok.n_vocab)
@@ -408,10 +324,11 @@ def main(cfg):
         if m is not None and cfg.seq_len > m.config.max_position_embeddings:
             raise ConfigError(f"--seq_len={cfg.seq_len} exceeds the {who}'s context of {m.config.max_position_embeddings}")
     start_step, state = 0, None
+    extra = {"train_data_fingerprint": data_fingerprint(train)}
     if cfg.resume:
         model, state = load_for_resume(cfg, mcfg, RESUME_KEYS, cfg.max_steps,
-                                       (f"the training data in {cfg.data_dir}", "train_data_fingerprint", data_fingerprint(train)),
-                                       paths=("data_dir", "train_data", "teacher"))
+                                       (f"the training data in {cfg.data_dir}", "train_data_fingerprint",
+                                        extra["train_data_fingerprint"]), paths=("data_dir", "train_data", "teacher"))
         start_step = state["step"]
     model, raw, opt = prepare_for_training(model, cfg, dist, state)   # device, compile, DDP, AdamW
 
@@ -419,46 +336,35 @@ def main(cfg):
     flops_tok, peak = estimate_flops_per_token(mcfg, cfg.seq_len), gpu_peak_flops(device)
     end = min(cfg.max_steps, start_step + cfg.stop_after) if cfg.stop_after else cfg.max_steps
     weights = loss_weights(cfg, teacher)
-    extra = {"train_data_fingerprint": data_fingerprint(train)}
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master, append=cfg.resume)
-    if master:
-        mode = "KD from " + cfg.teacher if teacher is not None else "LM pretraining"
-        print(f"[distill] {mode}; student {count_params(mcfg):,} params ({cfg.init_from}); "
-              f"{dist.world_size} process(es) on {device}; {accum} micro-steps x {cfg.device_batch_size} seqs "
-              f"x {cfg.seq_len} tokens = {cfg.total_batch_size} tokens/step; steps {start_step}->{end}",
-              file=sys.stderr)
+    say(f"{'KD from ' + cfg.teacher if teacher is not None else 'LM pretraining'}; student {count_params(mcfg):,} "
+        f"params ({cfg.init_from}); {dist.world_size} process(es) on {device}; {accum} micro-steps x "
+        f"{cfg.device_batch_size} seqs x {cfg.seq_len} tokens = {cfg.total_batch_size} tokens/step; steps {start_step}->{end}")
 
     bar = tqdm(range(start_step, end), disable=not master, desc="distill", initial=start_step, total=end)
-    train_time, tokens_since = 0.0, 0
+    speed = Throughput()
     save = lambda s: master and save_checkpoint(cfg.out_dir, raw, opt, s, cfg, tok, extra)  # noqa: E731
     for step in interruptible(bar, save):   # Ctrl-C: save the last finished step, exit 130
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step > start_step and master:
             log.log(step=step, **evaluate(raw, teacher, val, cfg, tok.bos_id, device, layer_map, val_mask))
-        t0 = time.time()
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
-        set_lr(opt, lr)
-        logged = step_gradients(model, teacher, train, step, cfg, dist, accum, tok.bos_id, layer_map, weights,
-                                train_mask)
-        logged = all_sum(dist, {k: float(v) for k, v in logged.items()})   # each process: its share of the mean
-        if not all(np.isfinite(v) for v in logged.values()):
-            raise NonFiniteError(nonfinite_message(f"the loss is not finite ({logged})", step, start_step, raw, cfg))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
-        if not np.isfinite(grad_norm):   # stop before the update writes NaN into the weights
-            raise NonFiniteError(nonfinite_message(f"the gradient norm is {grad_norm} (loss {logged})", step,
-                                                   start_step, raw, cfg))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        train_time += time.time() - t0  # tokens/s counts training only, not evals or checkpoints
-        tokens_since += cfg.total_batch_size
-        if master and ((step + 1) % cfg.log_interval == 0 or step + 1 == end):
-            row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_since / train_time,
+        with speed.step(cfg.total_batch_size):
+            lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
+            set_lr(opt, lr)
+            logged = step_gradients(model, teacher, train, step, cfg, dist, accum, tok.bos_id, layer_map, weights,
+                                    train_mask)
+            logged = all_sum(dist, {k: float(v) for k, v in logged.items()})   # each process: its share of the mean
+            if not all(np.isfinite(v) for v in logged.values()):
+                raise NonFiniteError(nonfinite_message(f"the loss is not finite ({logged})", step, start_step, raw, cfg))
+            grad_norm = clip_and_step(raw.parameters(), opt, cfg.grad_clip, lambda g: nonfinite_message(
+                f"the gradient norm is {g} (loss {logged})", step, start_step, raw, cfg))
+        if master and every(step, cfg.log_interval, end):
+            row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed.take(),
                    **{f"train_{k}": v for k, v in logged.items()}}
             if peak:
                 row["mfu"] = flops_tok * row["tokens_per_s"] / (peak * dist.world_size)
             log.log(**row)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items()} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-            train_time, tokens_since = 0.0, 0
-        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
+        if ckpt_due(step, cfg.ckpt_interval, end):
             save(step + 1)
     if master:
         save(end)

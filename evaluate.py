@@ -125,6 +125,16 @@ def chain_accuracy(row, mode="on"):
     return sum(ks) / len(ks) if ks else None
 
 
+def convergence(rows, two_thirds, end):
+    """{"chain_accuracy_on_two_thirds", "chain_accuracy_on_end", "chain_gain_last_third"} from the
+    generation evals logged at those steps (None if one of them is missing)."""
+    at = {r["step"]: chain_accuracy(r) for r in rows if "accuracy_on" in r}
+    if at.get(two_thirds) is None or at.get(end) is None:
+        return None
+    return {"chain_accuracy_on_two_thirds": at[two_thirds], "chain_accuracy_on_end": at[end],
+            "chain_gain_last_third": at[end] - at[two_thirds]}
+
+
 def describe_eval(row):
     """A generation_eval row (plus val_loss if present) as one log line."""
     parts = [f"val_loss {row['val_loss']:.4f}"] if "val_loss" in row else []
@@ -170,78 +180,38 @@ def _rates(prompts, new_tokens, prefill_s, total_s):
 
 
 @torch.no_grad()
-def bench_decode(model, batch_size, prompt_len=32, new_tokens=128, compile=True, repeats=5, seed=0):
-    """Greedy generation throughput with the KV cache, as the recipe decodes.
-
-    Runs model.generate on batch_size random prompts of prompt_len tokens with no stop tokens (so
-    every row decodes new_tokens), after one warm-up call that also compiles (compile_s: its time
-    beyond a timed call). prefill: a call with max_new_tokens=1 (the prompt pass and one sample);
-    decode: the full call minus the prefill, over the batch_size * (new_tokens - 1) tokens of the
-    decode steps. Medians over `repeats`. Returns both rates, the medians, compile_s, the context
-    length used and the path that ran ("compiled" / "eager")."""
-    prompts = _bench_prompts(model, batch_size, prompt_len, new_tokens, seed)
-    was_training = model.training
-    model.eval()
-    warm, _ = _timed_generate(model, prompts, new_tokens, compile)  # compiles the decode step once
-    prefill = statistics.median(_timed_generate(model, prompts, 1, compile)[0] for _ in range(repeats))
-    total = statistics.median(_timed_generate(model, prompts, new_tokens, compile)[0] for _ in range(repeats))
-    model.train(was_training)
-    return {**_rates(prompts, new_tokens, prefill, total), "compile_s": max(warm - total, 0.0),
-            "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "context": prompt_len + new_tokens, "path": "compiled" if compile else "eager"}
-
-
-@torch.no_grad()
-def bench_compare(model, batch_size, prompt_len=32, new_tokens=128, repeats=5, seed=0):
-    """The eager and the compiled decode paths side by side: after a warm-up of each, the timed
-    calls alternate between the two (so a machine that slows down mid-run slows both), medians
-    per path. Also checks that both produce the same greedy tokens. Returns {"eager": rates,
-    "compiled": rates (+ compile_s), "decode_speedup", "prefill_speedup", "same_tokens", "context"}."""
-    prompts = _bench_prompts(model, batch_size, prompt_len, new_tokens, seed)
-    was_training = model.training
-    model.eval()
-    _, eager_tokens = _timed_generate(model, prompts, new_tokens, False)
-    warm, compiled_tokens = _timed_generate(model, prompts, new_tokens, True)
-    times = {False: {"prefill": [], "total": []}, True: {"prefill": [], "total": []}}
-    for _ in range(repeats):
-        for compile in (False, True):
-            times[compile]["prefill"].append(_timed_generate(model, prompts, 1, compile)[0])
-            times[compile]["total"].append(_timed_generate(model, prompts, new_tokens, compile)[0])
-    model.train(was_training)
-    res = {}
-    for compile, name in ((False, "eager"), (True, "compiled")):
-        med = {k: statistics.median(v) for k, v in times[compile].items()}
-        res[name] = _rates(prompts, new_tokens, med["prefill"], med["total"])
-    res["compiled"]["compile_s"] = max(warm - statistics.median(times[True]["total"]), 0.0)
-    res["decode_speedup"] = res["compiled"]["decode_tokens_per_s"] / res["eager"]["decode_tokens_per_s"]
-    res["prefill_speedup"] = res["compiled"]["prefill_tokens_per_s"] / res["eager"]["prefill_tokens_per_s"]
-    res["same_tokens"] = eager_tokens == compiled_tokens
-    res.update(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, context=prompt_len + new_tokens)
-    return res
-
-
-@torch.no_grad()
 def bench_decode_many(models, batch_size, prompt_len=32, new_tokens=128, compile=True, repeats=5, seed=0,
-                      progress=None):
-    """bench_decode for several models ({name: model}) measured together: every model is warmed
-    up (and compiled) first, then the timed calls are interleaved, repeat after repeat (model 1's
-    prefill and full call, model 2's, ...), so a machine whose load changes mid-run slows all of
-    them alike, as bench_compare does for two paths. Same prompts, calls and medians as
-    bench_decode. progress (optional): a tqdm bar, advanced once per warm-up and once per repeat
-    of each model. Returns {name: bench_decode's dict}; compile_s is each model's warm-up beyond
-    its median call, warmup_s the whole warm-up call."""
+                      progress=None, tokens=None):
+    """Greedy generation throughput with the KV cache, as the recipe decodes, for several models
+    ({name: model}) measured together: the one benchmark loop (bench_decode, bench_compare,
+    `sample.py --bench`, puzzle.py's cost probes and re-timing all call it).
+
+    model.generate runs on batch_size random prompts of prompt_len tokens with no stop tokens (so
+    every row decodes new_tokens). Every model is warmed up first (the call that also compiles:
+    compile_s is its time beyond a timed call, warmup_s the whole call); then the timed calls are
+    interleaved, repeat after repeat (model 1's prefill and full call, model 2's, ...), so a
+    machine whose load changes mid-run slows all of them alike. prefill: a call with
+    max_new_tokens=1 (the prompt pass and one sample); decode: the full call minus the prefill,
+    over the batch_size * (new_tokens - 1) tokens of the decode steps; medians over `repeats`.
+    compile: one setting for all, or {name: bool} (one model's eager and compiled paths side by
+    side). progress (optional): a tqdm bar, advanced once per warm-up and once per repeat of each
+    model. tokens (optional): a dict that receives each model's greedy tokens of its warm-up.
+    Returns {name: rates, medians, compile_s, spread, warmup_s, context, path}."""
+    compiles = compile if isinstance(compile, dict) else dict.fromkeys(models, compile)
     prompts = {k: _bench_prompts(m, batch_size, prompt_len, new_tokens, seed) for k, m in models.items()}
     was_training = {k: m.training for k, m in models.items()}
     warm, times = {}, {k: {"prefill": [], "total": []} for k in models}
     for k, m in models.items():
         m.eval()
-        warm[k] = _timed_generate(m, prompts[k], new_tokens, compile)[0]
+        warm[k], out = _timed_generate(m, prompts[k], new_tokens, compiles[k])
+        if tokens is not None:
+            tokens[k] = out
         if progress is not None:
             progress.update(1)
     for _ in range(repeats):
         for k, m in models.items():
-            times[k]["prefill"].append(_timed_generate(m, prompts[k], 1, compile)[0])
-            times[k]["total"].append(_timed_generate(m, prompts[k], new_tokens, compile)[0])
+            times[k]["prefill"].append(_timed_generate(m, prompts[k], 1, compiles[k])[0])
+            times[k]["total"].append(_timed_generate(m, prompts[k], new_tokens, compiles[k])[0])
             if progress is not None:
                 progress.update(1)
     out = {}
@@ -255,5 +225,26 @@ def bench_decode_many(models, batch_size, prompt_len=32, new_tokens=128, compile
                   "spread": spread,
                   "warmup_s": warm[k], "batch_size": batch_size, "prompt_len": prompt_len,
                   "new_tokens": new_tokens, "context": prompt_len + new_tokens,
-                  "path": "compiled" if compile else "eager"}
+                  "path": "compiled" if compiles[k] else "eager"}
     return out
+
+
+def bench_decode(model, batch_size, prompt_len=32, new_tokens=128, compile=True, repeats=5, seed=0):
+    """bench_decode_many of one model: its rates, compile_s, the context length used and the path
+    that ran ("compiled" / "eager")."""
+    return bench_decode_many({"model": model}, batch_size, prompt_len, new_tokens, compile, repeats, seed)["model"]
+
+
+def bench_compare(model, batch_size, prompt_len=32, new_tokens=128, repeats=5, seed=0):
+    """The eager and the compiled decode paths of one model side by side (bench_decode_many: the
+    timed calls alternate between the two), and whether both produce the same greedy tokens.
+    Returns {"eager": rates, "compiled": rates, "decode_speedup", "prefill_speedup", "same_tokens",
+    "context"}."""
+    tokens = {}
+    res = bench_decode_many({"eager": model, "compiled": model}, batch_size, prompt_len, new_tokens,
+                            {"eager": False, "compiled": True}, repeats, seed, tokens=tokens)
+    res["decode_speedup"] = res["compiled"]["decode_tokens_per_s"] / res["eager"]["decode_tokens_per_s"]
+    res["prefill_speedup"] = res["compiled"]["prefill_tokens_per_s"] / res["eager"]["prefill_tokens_per_s"]
+    res["same_tokens"] = tokens["eager"] == tokens["compiled"]
+    res.update(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, context=prompt_len + new_tokens)
+    return res

@@ -49,8 +49,6 @@ train_config.json, prefilter.jsonl (every prefiltered prompt with its pass rate 
 kept: a valid --data file that skips the sampling), metrics.jsonl, reward.png (rollout rewards and
 held-out accuracy per step), eval.png (held-out accuracy and think rates, by chain length k).
 """
-import hashlib
-import json
 import math
 import os
 import sys
@@ -63,15 +61,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from checkpoint import load_config, load_model
-from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable)
-from data import DataError, check_format, load_rl_jsonl, load_tokenizer, tokenizer_file, verify
+from checkpoint import load_config
+from configurator import (check, check_choice, check_positive, check_range, check_readable)
+from data import check_format, tokenizer_file, verify
 from evaluate import describe_eval, generation_eval, stage_eval_problems
-from model import NonFiniteError, count_params
-from runtime import (all_sum, atomic_write, auto_eval_interval, check_heldout_size, check_out_dir,
-                     check_vocab, interruptible, load_for_resume, LOGITS_CHUNK_ELEMENTS, lr_at,
-                     make_optimizer, MetricsLog, PhaseClock, pick_device, plot_curves, read_metrics, run_main,
-                     save_checkpoint, set_lr, setup_dist, teardown_dist)
+from grpo_io import (bucket_order, check_pool, draw_curves, load_inputs, pass_at_k, report_prefilter, rollout_bucket,
+                     rollout_sums, step_row, write_prefilter)
+from model import count_params
+from runtime import (all_sum, all_sum_grads, auto_eval_interval, check_heldout_size, check_out_dir, ckpt_due, clip_and_step, every,
+                     interruptible, load_for_resume, LOGITS_CHUNK_ELEMENTS, lr_at, make_optimizer, MetricsLog,
+                     PhaseClock, pick_device, read_metrics, run_main, save_checkpoint, set_lr, start_stage,
+                     teardown_dist)
 
 
 @dataclass
@@ -280,36 +280,6 @@ def sequence_logprobs(model, x, y, n_vocab, temperature=1.0, entropy=False):
 # ------------------------------------------------------------------------------------------------
 # Prompts: loading, prefiltering by the starting model's pass rate, the curriculum.
 
-def load_prompts(path):
-    """data.load_rl_jsonl (errors name file, line and field) + an empty file is an error."""
-    rows = load_rl_jsonl(path)
-    if not rows:
-        raise DataError(f"{path}: no prompts")
-    return rows
-
-
-def check_context(cfg, tok, rows, context):
-    """Every prompt and its longest response fit the model's context: the bad row or flag named."""
-    lengths = [len(tok.render_prompt(r["prompt"], "on")) for r in rows]
-    longest = max(lengths)
-    if longest + cfg.max_new_tokens - 1 > context:
-        from data import _read_jsonl
-        lineno = [n for n, _ in _read_jsonl(cfg.data)][lengths.index(longest)]
-        if longest >= context:   # the prompt alone fills the context: the row is bad
-            raise DataError(f"{cfg.data}:{lineno}: the prompt is {longest} tokens, longer than the model's "
-                            f"context of {context} (--init_from={cfg.init_from})")
-        raise ConfigError(f"--max_new_tokens={cfg.max_new_tokens}: the longest prompt of {cfg.data} (line {lineno}) "
-                          f"has {longest} tokens, and the model's context is {context}")
-
-
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def chunk_seed(seed, *keys):
     """The generation seed of one generate call, from the run's seed and the call's place in the
     run: the same on every process and after a resume."""
@@ -399,85 +369,14 @@ def prefilter(model, tok, rows, cfg, dist, say):
     return pool, scanned, stats
 
 
-def pass_at_k(rows, scanned, n_samples):
-    """What the starting policy can do on the RL prompts, from the prefilter's samples: pass@1 (the
-    mean pass rate) and pass@n (the share of prompts solved at least once in n samples), over all
-    scanned prompts and per chain length k. RL with verifiable rewards mostly turns pass@n into
-    pass@1 (Yue et al. 2025): a wide gap is the room it has; a pass@n near 0 is none."""
-    by_k = {}
-    for i, rate, _ in scanned:
-        if rate is not None and "pass_rate" not in rows[i]:
-            by_k.setdefault(rows[i].get("k"), []).append(rate)
-    out = {}
-    for k, rates in [(None, [r for v in by_k.values() for r in v])] + sorted(
-            (k, v) for k, v in by_k.items() if isinstance(k, int)):
-        if rates:
-            tag = "" if k is None else f"_k{k}"
-            out[f"pass_at_1{tag}"] = float(np.mean(rates))
-            out[f"pass_at_{n_samples}{tag}"] = float(np.mean([r > 0 for r in rates]))
-    return out
-
-
 def prefilter_pool(model, tok, rows, cfg, dist, say, log, clock):
-    """prefilter, its file (prefilter.jsonl: a valid --data file) and its report: how many prompts
-    were kept, the starting policy's pass@1 / pass@G per chain length."""
+    """prefilter, its file (prefilter.jsonl: a valid --data file) and its report."""
     with clock("prefilter"):
         pool, scanned, stats = prefilter(model, tok, rows, cfg, dist, say)
     if dist.master:
         write_prefilter(os.path.join(cfg.out_dir, "prefilter.jsonl"), rows, scanned)
-    kept_rates = [r for _, r in pool if r is not None]
-    say(f"prefilter: {stats['prefilter_scanned']} prompts scanned ({stats['prefilter_sampled']} sampled x "
-        f"{cfg.prefilter_samples}), {stats['prefilter_dropped']} dropped (pass rate outside [{cfg.min_pass_rate}, "
-        f"{cfg.max_pass_rate})), "
-        f"{len(pool)} kept (mean pass rate {np.mean(kept_rates) if kept_rates else float('nan'):.3f}) "
-        f"in {clock.last['prefilter_s']:.1f} s")
-    G = cfg.prefilter_samples
-    by_k = sorted({int(k.rsplit("_k", 1)[1]) for k in stats if k.startswith("pass_at_1_k")})
-    if by_k:
-        say("starting policy on the scanned prompts: pass@1 / pass@{}: ".format(G) + ", ".join(
-            f"k={k} {stats[f'pass_at_1_k{k}']:.2f} / {stats[f'pass_at_{G}_k{k}']:.2f}" for k in by_k))
-    log.log(step=0, **stats, **clock.last,
-            pass_rate_hist=np.histogram(kept_rates, bins=8, range=(0, 1))[0].tolist() if kept_rates else [])
+    report_prefilter(pool, stats, cfg, say, log, clock)
     return pool
-
-
-def check_pool(pool, cfg):
-    if len(pool) < cfg.prompts_per_step:
-        raise DataError(f"{cfg.data}: {len(pool)} prompts left after prefiltering (pass rate in [--min_pass_rate="
-                        f"{cfg.min_pass_rate}, --max_pass_rate={cfg.max_pass_rate})), fewer than --prompts_per_step="
-                        f"{cfg.prompts_per_step}")
-    if cfg.curriculum and any(r is None for _, r in pool):
-        raise ConfigError("--curriculum=True needs a pass rate for every prompt: set --prefilter_samples > 0 or give "
-                          "the rows a pass_rate (or --curriculum=False)")
-
-
-def rollout_bucket(row, start_rate):
-    """The difficulty bucket of a prompt for the learning curves: its chain length k when the row
-    has one (the nano world), else the starting policy's pass rate in quarters. The curriculum moves
-    the batches from easy to hard, so the batch reward falls as RL goes on even when the policy
-    improves; the reward within a bucket is what shows learning."""
-    if isinstance(row.get("k"), int):
-        return f"k{row['k']}"
-    if start_rate is None:
-        return "all"
-    q = min(int(start_rate * 4), 3)
-    return f"p{25 * q}_{25 * q + 25}"
-
-
-def bucket_order(b):
-    return (b[0], int(b[1:].split("_")[0])) if b[1:2].isdigit() else (b, 0)
-
-
-def write_prefilter(path, rows, scanned):
-    """Every scanned prompt with its pass rate and whether it was kept: a valid --data file (rows
-    carry pass_rate, so a new run skips their sampling)."""
-    lines = []
-    for i, rate, keep in scanned:
-        row = dict(rows[i])
-        if rate is not None:
-            row["pass_rate"] = rate
-        lines.append(json.dumps({**row, "kept": keep}, ensure_ascii=False) + "\n")
-    atomic_write(path, "".join(lines))
 
 
 def curriculum_weights(pass_rates, progress, sigma):
@@ -555,17 +454,6 @@ def micro_batches(samples, size, pad_id, device):
     return out
 
 
-def sync_grads(model, dist):
-    """Sum gradients over processes: each process's loss is already divided by the global token
-    count, so the sum is the global batch's gradient. A process without trainable tokens in this
-    update contributes zeros."""
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        if dist.ddp:
-            torch.distributed.all_reduce(p.grad)
-
-
 def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist, tok, device):
     """Steps 3-4 of a rollout step on this process's groups: rewards -> group advantages (zero-
     variance groups skipped) -> old log-probs -> updates_per_rollout optimizer steps. Returns
@@ -574,8 +462,8 @@ def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist
     rewards = torch.tensor([total_reward(s, cfg.format_weight) for s in samples], dtype=torch.float64)
     skip = zero_variance_groups(rewards, G) if samples else torch.zeros(0, dtype=torch.bool)
     adv = group_advantages(rewards, G, cfg.adv_eps) if samples else rewards
-    for s, a in zip(samples, adv.tolist()):
-        s["advantage"] = a
+    for s, r, a in zip(samples, rewards.tolist(), adv.tolist()):
+        s["reward"], s["advantage"] = r, a
     # Update u trains on the groups whose global index g has g % U == u: every update mixes groups
     # of every generate call (and process), and the split does not depend on the process count.
     pad_id = tok.pad_id if tok.pad_id < model.config.vocab_size else 0
@@ -625,12 +513,9 @@ def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist
             sums["loss"] += float(loss.detach())
             sums["clipped"] += float((clipped * mask).sum())
             sums["kl_old_sum"] += float((k3(logp.detach() - old[u][m]) * mask).sum())  # KL(pi_old || pi)
-        sync_grads(model, dist)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteError(f"step {step}, update {u}: the gradient norm is not finite ({grad_norm}); lower --lr")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        all_sum_grads(model.parameters(), dist)   # the global batch's gradient: losses are divided by global counts
+        grad_norm = clip_and_step(model.parameters(), opt, cfg.grad_clip, lambda g: (
+            f"step {step}, update {u}: the gradient norm is not finite ({g}); lower --lr"))
         same["updates"] += 1
         same["grad_norm"].append(grad_norm)
     return sums, same
@@ -638,88 +523,6 @@ def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist
 
 # ------------------------------------------------------------------------------------------------
 # What a step logs, and the curves drawn from the log at the end.
-
-def draw_curves(cfg, rows_m, buckets, problems):
-    """reward.png (rollout accuracy per mode, held-out accuracy), reward_by_bucket.png (rollout
-    accuracy per difficulty bucket, reasoning on: the curves that show learning), eval.png."""
-    title = f"grpo.py: {cfg.out_dir}"
-    plot_curves(os.path.join(cfg.out_dir, "reward.png"), rows_m,
-                ["reward_accuracy_on", "reward_accuracy_off", "reward_format", "accuracy_on", "accuracy_off"],
-                title=title)
-    # rollout accuracy per difficulty bucket ("on" mode): the curves that show learning
-    plot_curves(os.path.join(cfg.out_dir, "reward_by_bucket.png"), rows_m,
-                [f"reward_accuracy_on_{b}" for b in buckets], title=title + " (rollouts, reasoning on)",
-                smooth=max(1, min(10, cfg.max_steps // 10)))
-    if problems:
-        ks = sorted({k for r in rows_m for k in r if k.startswith("acc_on_k")}, key=lambda k: int(k[8:]))
-        plot_curves(os.path.join(cfg.out_dir, "eval.png"), rows_m,
-                    ["accuracy_on", "accuracy_off", "think_rate_on", "think_rate_off"] + ks,
-                    title=title + " (held-out val, greedy)")
-
-
-def rollout_sums(samples, buckets, cfg):
-    """This process's sums over its rollouts, per mode and per bucket (the same keys on every
-    process, for all_sum)."""
-    out = {}
-    for mode in ("on", "off"):
-        of = [s for s in samples if s["mode"] == mode]
-        out[f"n_{mode}"] = len(of)
-        out[f"acc_{mode}"] = sum(s["accuracy"] for s in of)
-        out[f"fmt_{mode}"] = sum(s["format"] for s in of)
-    for b in buckets:
-        of = [s for s in samples if s["bucket"] == b and s["mode"] == "on"]
-        out[f"n_{b}"], out[f"acc_{b}"] = len(of), sum(s["accuracy"] for s in of)
-    out.update(n=len(samples), accuracy=sum(s["accuracy"] for s in samples),
-               format=sum(s["format"] for s in samples),
-               reward=sum(total_reward(s, cfg.format_weight) for s in samples),
-               response_tokens=sum(len(s["response"]) for s in samples),
-               truncated=sum(s["truncated"] for s in samples))
-    return out
-
-
-def step_row(step, g, same, timed, cfg, batch_rates, modes, buckets, mu, with_reference):
-    """The step's metrics.jsonl row from the global sums `g` and the values every process shares."""
-    tokens = same["trained_tokens"]
-    per_token = lambda k: g[k] / tokens if tokens else None  # noqa: E731  (no trained token: no value)
-    # the starting model's pass rates of this batch's prompts (measured in "on" mode unless
-    # a row says otherwise): what the rollout accuracy is to be compared with, since the
-    # curriculum makes the batches harder step by step
-    rates = [r for r in batch_rates if r is not None]
-    rates_on = [r for r, m in zip(batch_rates, modes) if m == "on" and r is not None]
-    row = {"step": step + 1, "lr": same["lr"], "reward": g["reward"] / g["n"],
-           "reward_accuracy": g["accuracy"] / g["n"], "reward_format": g["format"] / g["n"],
-           **{f"reward_accuracy_{m}": g[f"acc_{m}"] / g[f"n_{m}"] for m in ("on", "off") if g[f"n_{m}"]},
-           **{f"reward_format_{m}": g[f"fmt_{m}"] / g[f"n_{m}"] for m in ("on", "off") if g[f"n_{m}"]},
-           **{f"reward_accuracy_on_{b}": g[f"acc_{b}"] / g[f"n_{b}"] for b in buckets if g[f"n_{b}"]},
-           "response_len": g["response_tokens"] / g["n"], "truncated": g["truncated"] / g["n"],
-           "skipped_groups": int(g["skipped_groups"]), "groups": cfg.prompts_per_step,
-           "updates": same["updates"], "trained_tokens": int(same["trained_tokens"]),
-           "loss": g["loss"], "clip_frac": per_token("clipped"), "kl_old": per_token("kl_old_sum"),
-           "entropy": per_token("entropy_sum"),
-           "grad_norm": float(np.mean(same["grad_norm"])) if same["grad_norm"] else None,
-           "batch_pass_rate": float(np.mean(rates)) if rates else None,
-           "batch_pass_rate_on": float(np.mean(rates_on)) if rates_on else None,
-           **timed}
-    if mu is not None:
-        row["curriculum_mu"] = mu
-    if with_reference:
-        row["kl_ref"] = per_token("kl_ref_sum")
-    return row
-
-
-def load_inputs(cfg, device):
-    """The policy and its tokenizer, the frozen reference (only with kl_weight > 0), the prompts
-    and their file's digest (a resumed run must read the same file)."""
-    tok = load_tokenizer(cfg.init_from)
-    model = load_model(cfg.init_from)
-    check_vocab(tok, model.config, f"--init_from={cfg.init_from}")
-    rows = load_prompts(cfg.data)
-    check_context(cfg, tok, rows, model.config.max_position_embeddings)
-    reference = None
-    if cfg.kl_weight > 0:  # the frozen starting policy; with kl_weight 0 it is never loaded
-        reference = load_model(cfg.init_from, device=device).eval().requires_grad_(False)
-    return tok, model, reference, rows, file_digest(cfg.data)
-
 
 # ------------------------------------------------------------------------------------------------
 # What a resumed run must share with the run it continues: the prompt stream, the rollouts and the
@@ -732,10 +535,8 @@ RESUME_KEYS = ("init_from", "data", "seed", "prefilter_samples", "max_pass_rate"
 
 
 def main(cfg):
-    dist = setup_dist(cfg.device)
+    dist, say = start_stage(cfg, "grpo")   # processes, device, seed
     device, master = dist.device, dist.master
-    torch.manual_seed(cfg.seed)
-    say = (lambda msg: print(f"[grpo] {msg}", file=sys.stderr)) if master else (lambda msg: None)
     t_start = time.time()
 
     tok, model, reference, rows, digest = load_inputs(cfg, device)
@@ -795,13 +596,13 @@ def main(cfg):
         timed.update(clock.last)  # this process's times (processes run their share in parallel)
         sums.update(rollout_sums(samples, buckets, cfg))
         g = all_sum(dist, dict(sums))
-        if master and ((step + 1) % cfg.log_interval == 0 or step + 1 == end):
+        if master and every(step, cfg.log_interval, end):
             row = step_row(step, g, same, timed, cfg, [pool_rate[i] for i in idx], modes, buckets, mu,
                            reference is not None)
             log.log(**row)
             bar.set_postfix(acc=f"{row['reward_accuracy']:.3f}", fmt=f"{row['reward_format']:.3f}",
                             skip=row["skipped_groups"], len=f"{row['response_len']:.0f}")
-        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
+        if ckpt_due(step, cfg.ckpt_interval, end):
             save(step + 1)
     bar.close()
     if master:

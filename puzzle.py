@@ -20,7 +20,7 @@ each resumable from what the earlier ones saved:
                memory budget; several diverse solutions
   5. assemble  the child from the library's weights, the homogeneous control the paper argues
                against (every layer shrunk alike, at least as fast), the KL of both to the parent,
-               the layout table and picture; optional FFN Fusion and a DeciLM export
+               the layout table and picture; optional FFN Fusion (ffn_fusion.py) and a DeciLM export
 
     python puzzle.py                                     # nano recipe: out/parent -> out/puzzle/child
     python puzzle.py --stage=mip --target_speedup=2.0    # re-solve from the saved library/scores/costs
@@ -66,17 +66,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_config, load_model
-from configurator import (ConfigError, atomic_write, check, check_choice, check_positive, check_range, check_readable,
-                          check_out_dir, run_main, write_json)
+from checkpoint import load_config
+from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
+                          check_out_dir, run_main)
 from evaluate import bench_decode_many
+from ffn_fusion import ffn_contribution, ffn_fusion
 from model import (BlockConfig, DecoderLayer, NonFiniteError, Transformer, kv_bytes_per_token, layer_params,
                    rope_cos_sin)
-from puzzle_io import (STAGES, StageCache, assemble_summary, cost_table, draw_layout, layout_table,
-                       library_key, load_data, mip_report, out_paths, parent_tokenizer, save_checkpoint_folder,
-                       save_library, score_table, stage_settings)
-from runtime import (all_sum, autocast, chunked_kl, lr_at, make_optimizer, MetricsLog, set_lr, setup_dist,
-                     step_offsets, teardown_dist, windows)
+from puzzle_io import (STAGES, Run, StageCache, check_library_space, cost_table, library_key, library_record,
+                       measure_probes, mip_report, out_paths, save_assembly, save_library, score_table,
+                       stage_settings)
+from runtime import (all_sum, all_sum_grads, autocast, chunked_kl, lr_at, make_optimizer, MetricsLog, set_lr,
+                     start_stage, step_offsets, teardown_dist, windows)
 
 SUBS = ("attention", "ffn")
 
@@ -257,16 +258,6 @@ def search_space(pcfg, cfg):
             "ffn": [swiglu(W)] + [swiglu(w) for w in sorted(widths, reverse=True)] + extra}
 
 
-def describe_space_diff(saved, wanted):
-    names = lambda sp, sub: [c.get("name", str(c)) for c in sp.get(sub, [])] if isinstance(sp, dict) else []
-    parts = []
-    for sub in ("attention", "ffn"):
-        a, b = names(saved, sub), names(wanted, sub)
-        if a != b:
-            parts.append(f"{sub}: saved {a}, flags {b}")
-    return "; ".join(parts) or "the candidates differ"
-
-
 def block_config(pcfg, attn, ffn):
     return BlockConfig(attention=attn["kind"],
                        n_heads_in_group=pcfg.num_attention_heads // attn["kv_heads"] if attn["kind"] == "gqa" else None,
@@ -293,9 +284,7 @@ def contribution(layer, sub, h, rope, doc_ids):
         if layer.self_attn is None:
             return torch.zeros_like(h)
         return layer.self_attn(layer.input_layernorm(h), rope, doc_ids)
-    if layer.mlp is None:
-        return torch.zeros_like(h)
-    return layer.mlp(layer.post_attention_layernorm(h))
+    return ffn_contribution(layer, h)
 
 
 @torch.no_grad()
@@ -514,13 +503,7 @@ def train_library(cfg, pcfg, parent, space, train, val, bos_id, dist, log):
                                       for (l, sub, _), mod in cands.items()])
             losses.sum().backward()
             step_loss += losses.detach().double()
-        if dist.ddp:  # gradients summed over processes: each already holds its share of the global loss
-            flat = torch.cat([p.grad.flatten() for p in params])
-            all_sum(dist, flat)
-            i = 0
-            for p in params:
-                p.grad.copy_(flat[i:i + p.numel()].view_as(p))
-                i += p.numel()
+        all_sum_grads(params, dist)   # each process already holds its share of the global loss
         all_sum(dist, step_loss)
         if not bool(torch.isfinite(step_loss).all()):
             bad = [keys[i] for i in torch.nonzero(~torch.isfinite(step_loss)).flatten().tolist()]
@@ -535,24 +518,6 @@ def train_library(cfg, pcfg, parent, space, train, val, bos_id, dist, log):
     train_s = time.time() - t0
     final_loss = evaluate_bld(parent, cands, eval_batches)
     return cands, init_loss, final_loss, {"steps": steps, "tokens": steps * tokens_per_step, "train_s": train_s}
-
-
-def library_record(space, init_loss, final_loss, n_layers):
-    """Per layer and sub-block: {name: {"init_loss", "final_loss"}} for every candidate
-    (the parent's own: 0, a no_op: exactly 1, both untrained)."""
-    rec = {}
-    for sub in SUBS:
-        rec[sub] = []
-        for l in range(n_layers):
-            row = {space[sub][0]["name"]: {"init_loss": 0.0, "final_loss": 0.0, "trained": False}}
-            for spec in space[sub][1:]:
-                k = (l, sub, spec["name"])
-                if k in init_loss:
-                    row[spec["name"]] = {"init_loss": init_loss[k], "final_loss": final_loss[k], "trained": True}
-                else:
-                    row[spec["name"]] = {"init_loss": 1.0, "final_loss": 1.0, "trained": False}
-            rec[sub].append(row)
-    return rec
 
 
 def run_library(run, settings, state):
@@ -628,11 +593,8 @@ def run_score(run, settings, state):
         scores[sub][l][name] = v
     res = {"id": secrets.token_hex(8), "settings": settings, "scores": scores,
            "tokens": sum(x.numel() for x, _, _ in batches)}
-    if dist.master:
-        write_json(run.paths["score"], res)
-        for (l, sub, name), v in kl.items():
-            run.log.log(stage="score", layer=l, sub=sub, candidate=name, kl=v)
-        print(score_table(space, scores))
+    run.publish("score", res, [dict(layer=l, sub=sub, candidate=name, kl=v) for (l, sub, name), v in kl.items()],
+                score_table(space, scores))
     return res
 
 
@@ -678,21 +640,7 @@ def run_cost(run, settings, state):
     # Every probe is another graph of the same decode_step code; dynamo's default limit is 8.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(models) + 8)
     t0 = time.time()
-    attempts = []   # (max spread, result): a busy machine shows as repeats that disagree
-    for attempt in range(1 + cfg.cost_retries):
-        with tqdm(total=len(models) * (1 + cfg.cost_repeats), desc="cost probes (compile, then timing)",
-                  unit="call", file=sys.stderr) as bar:
-            res = bench_decode_many(models, cfg.cost_batch_size, cfg.cost_prompt_len, cfg.cost_new_tokens,
-                                    compile=cfg.compile, repeats=cfg.cost_repeats, progress=bar)
-        worst = max(res, key=lambda k: res[k]["spread"])
-        attempts.append((res[worst]["spread"], res))
-        if res[worst]["spread"] <= cfg.cost_max_spread:
-            break
-        print(f"warning: cost probe {worst!r} spread {res[worst]['spread']:.0%} over its {cfg.cost_repeats} "
-              f"repeats (> --cost_max_spread={cfg.cost_max_spread}): the machine looks busy"
-              + ("; measuring again" if attempt < cfg.cost_retries else "; keeping the calmest measurement"),
-              file=sys.stderr)
-    max_spread, res = min(attempts, key=lambda a: a[0])
+    res, max_spread, attempts = measure_probes(cfg, models)   # again while the machine looks busy
     total_s = time.time() - t0
     del models
     torch._dynamo.reset()
@@ -728,9 +676,7 @@ def run_cost(run, settings, state):
     costs["parent"] = {"measured_decode_step_s": step["parent"],
                        "predicted_decode_step_s": predict(costs, parent_choice, 1)["decode_step_s"],
                        "measured_decode_tokens_per_s": res["parent"]["decode_tokens_per_s"]}
-    write_json(run.paths["cost"], costs)
-    run.log.log(stage="cost", **{k: v for k, v in costs["parent"].items()}, **costs["time"])
-    print(cost_table(costs, space))
+    run.publish("cost", costs, [{**costs["parent"], **costs["time"]}], cost_table(costs, space))
     return costs
 
 
@@ -837,11 +783,9 @@ def run_mip(run, settings, state):
                                            cfg.n_solutions)
     res = {"id": secrets.token_hex(8), "settings": settings, "solutions": solutions, "parent": parent_pred,
            "solve_s": time.time() - t0}
-    write_json(run.paths["mip"], res)
-    for i, s in enumerate(solutions):
-        run.log.log(stage="mip", solution=i, score=s["score"], predicted_speedup=s["predicted_speedup"],
-                    predicted_memory_bytes=s["memory_bytes"])
-    print(mip_report(res, cfg.n_solutions))
+    run.publish("mip", res, [dict(solution=i, score=s["score"], predicted_speedup=s["predicted_speedup"],
+                                  predicted_memory_bytes=s["memory_bytes"]) for i, s in enumerate(solutions)],
+                mip_report(res, cfg.n_solutions))
     return res
 
 
@@ -979,7 +923,7 @@ def accept_child(cfg, pcfg, parent, space, lib, scores, costs, sol):
 
 
 def run_assemble(run, settings, state):
-    cfg, pcfg, parent, space, data, paths, device = run.cfg, run.pcfg, run.parent, run.space, run.data, run.paths, run.dist.device
+    cfg, pcfg, parent, space, data, device = run.cfg, run.pcfg, run.parent, run.space, run.data, run.dist.device
     lib, scores, costs, mip = (state[k] for k in ("library", "score", "cost", "mip"))
     L = pcfg.num_hidden_layers
     sol, child, rounds = accept_child(cfg, pcfg, parent, space, lib, scores, costs, mip["solutions"][0])
@@ -1004,183 +948,19 @@ def run_assemble(run, settings, state):
         models.append(("child after FFN Fusion", fused.config))
         extras.append(f"{len(info['groups'])} fused, KL {res['fusion']['kl']:.4f}")
         child = fused
-    # outputs: the checkpoint folders first, assemble.json (what marks the stage done) last
-    save_checkpoint_folder(child, paths["child"], run.tok)
-    if control is not None:
-        save_checkpoint_folder(ctrl, paths["control"], run.tok)
-    if cfg.export_hf:
-        save_checkpoint_folder(child, paths["child_hf"], run.tok, fmt="hf")
-    summary = assemble_summary(res, mip["parent"])
-    table = layout_table(models, summary)
-    atomic_write(paths["layout"], table + "\n")
-    draw_layout(paths["layout_png"], models, pcfg, extras)
-    write_json(paths["assemble"], res)
-    run.log.log(stage="assemble", child_kl=res["child"]["kl"], child_score=sol["score"],
-                child_predicted_speedup=sol["predicted_speedup"], child_measured_speedup=res["child"]["measured_speedup"],
-                control_kl=res["control"]["kl"] if control else None,
-                control_score=res["control"]["score"] if control else None)
-    print(table)
-    print(f"child -> {paths['child']}" + (f", control -> {paths['control']}" if control else "")
-          + (f", DeciLM export -> {paths['child_hf']}" if cfg.export_hf else ""))
+    save_assembly(run, res, child, ctrl if control is not None else None, models, extras, mip["parent"])
     return res
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. FFN Fusion (arXiv 2503.18908). FFN sub-blocks with no attention between them, h + F1(n1(h)),
-# then + F2(n2(.)), ..., are replaced by one wider SwiGLU applied to the run's first input:
-#   gate/up = the blocks' gate/up concatenated along the intermediate axis, each block's RMSNorm
-#   weight folded into its input columns (the fused norm's weight is 1); down = the blocks' down
-#   concatenated along its input axis;   so  fused(h) = sum_j F_j(n_j(h))  exactly.
-# What changes is only that block j sees the run's first input instead of its own; the paper's
-# dependency measure says where that is harmless: the cosine distance between a block's
-# contribution computed from its sequential input and from the run's first input.
-
-def ffn_runs(mcfg):
-    """Maximal runs (layer indices, length >= 2) of SwiGLU FFNs with no attention between them:
-    layer i's FFN and the FFNs of the following layers whose attention is a no_op (layers with
-    both sub-blocks no_op are transparent; a linear FFN ends a run)."""
-    runs, cur = [], []
-    for i, b in enumerate(mcfg.block_configs):
-        if b.attention != "no_op" or b.ffn == "linear":
-            if len(cur) > 1:
-                runs.append(cur)
-            cur = []
-        if b.ffn == "swiglu":
-            cur.append(i)
-    if len(cur) > 1:
-        runs.append(cur)
-    return runs
-
-
-@torch.no_grad()
-def ffn_inputs(model, batches):
-    """Per batch: rope, doc_ids and each layer's input to its FFN sub-block (h after attention)."""
-    out = []
-    for x, doc, pos in batches:
-        h = model.model.embed_tokens(x)
-        rope = rope_cos_sin(model.inv_freq, pos, h.dtype)
-        mids = []
-        for layer in model.model.layers:
-            h = layer.attention_block(h, rope, doc)
-            mids.append(h)
-            h = layer.ffn_block(h)
-        out.append(mids)
-    return out
-
-
-@torch.no_grad()
-def ffn_dependency(model, inputs, start, j):
-    """1 - cos(F_j(x_j), F_j(x_start)), mean over tokens: how much block j's contribution changes
-    when it reads the input of the run's first block instead of its own."""
-    layer, tot, n = model.model.layers[j], 0.0, 0
-    for mids in inputs:
-        a = contribution(layer, "ffn", mids[j], None, None)
-        b = contribution(layer, "ffn", mids[start], None, None)
-        tot += float((1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).sum())
-        n += a.shape[0] * a.shape[1]
-    return tot / n
-
-
-def choose_fusion_groups(model, batches, threshold):
-    """Greedy along each run: a block joins the current group when its dependency on the group's
-    first input is <= threshold, else it starts a new group. Groups of >= 2 blocks are fused."""
-    inputs = ffn_inputs(model, batches)
-    groups, deps = [], {}
-    for run in ffn_runs(model.config):
-        cur = [run[0]]
-        for j in run[1:]:
-            d = ffn_dependency(model, inputs, cur[0], j)
-            deps[f"{cur[0]}->{j}"] = d
-            if d <= threshold:
-                cur.append(j)
-            else:
-                if len(cur) > 1:
-                    groups.append(cur)
-                cur = [j]
-        if len(cur) > 1:
-            groups.append(cur)
-    return groups, deps
-
-
-def fuse_ffns(model, groups):
-    """A new model in which each group of FFN layers (first layer's attention kept) is one SwiGLU
-    of the summed width; the group's other layers (attention no_op) disappear."""
-    mcfg, layers = model.config, model.model.layers
-    first = {g[0]: g for g in groups}
-    dropped = {i for g in groups for i in range(g[0] + 1, g[-1] + 1)}
-    blocks, state, new_i = [], {}, 0
-    src = model.state_dict()
-    for i, b in enumerate(mcfg.block_configs):
-        if i in dropped:
-            continue
-        if i in first:
-            g = first[i]
-            gate = torch.cat([layers[j].mlp.gate_proj.weight * layers[j].post_attention_layernorm.weight for j in g])
-            up = torch.cat([layers[j].mlp.up_proj.weight * layers[j].post_attention_layernorm.weight for j in g])
-            down = torch.cat([layers[j].mlp.down_proj.weight for j in g], dim=1)
-            blocks.append(dataclasses.replace(b, ffn="swiglu", ffn_mult=None, intermediate_size=gate.shape[0]))
-            for k, v in src.items():
-                if k.startswith(f"model.layers.{i}.") and ".mlp." not in k and "post_attention_layernorm" not in k:
-                    state[k.replace(f"model.layers.{i}.", f"model.layers.{new_i}.", 1)] = v
-            p = f"model.layers.{new_i}."
-            state.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                          p + "mlp.down_proj.weight": down,
-                          p + "post_attention_layernorm.weight": torch.ones_like(layers[i].post_attention_layernorm.weight)})
-        else:
-            blocks.append(b)
-            for k, v in src.items():
-                if k.startswith(f"model.layers.{i}."):
-                    state[k.replace(f"model.layers.{i}.", f"model.layers.{new_i}.", 1)] = v
-        new_i += 1
-    for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        state[k] = src[k]
-    cfg = dataclasses.replace(mcfg, block_configs=blocks)
-    with torch.device("meta"):
-        fused = Transformer(cfg)
-    fused.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        fused.lm_head.weight = fused.model.embed_tokens.weight
-    fused.reset_rope()
-    return fused.eval()
-
-
-def ffn_fusion(model, batches, threshold):
-    groups, deps = choose_fusion_groups(model, batches, threshold)
-    return fuse_ffns(model, groups), {"groups": groups, "dependency": deps, "threshold": threshold}
 
 
 # ------------------------------------------------------------------------------------------------
 # The run: the five stages in order, each reused from --out_dir when its settings match
 # (puzzle_io.StageCache), each reading the results of the ones before from `state`.
 
-@dataclass
-class Run:
-    """What every stage reads: the flags, the parent's config and search space, the processes,
-    the log and the output paths; the parent, its tokenizer and the token data are loaded when
-    the first stage that needs them runs (a re-solved MIP needs none of them)."""
-    cfg: PuzzleConfig
-    pcfg: object
-    space: dict
-    dist: object
-    log: MetricsLog
-    paths: dict
-    parent: Transformer = None
-    tok: object = None
-    data: dict = None
-
-    def load_inputs(self):
-        if self.parent is None:
-            self.parent = load_model(self.cfg.parent, device=self.dist.device).eval().requires_grad_(False)
-            self.tok = parent_tokenizer(self.cfg, self.pcfg)
-            self.data = load_data(self.cfg, self.pcfg, self.tok)
-
-
 RUN_STAGE = {"library": run_library, "score": run_score, "cost": run_cost, "mip": run_mip, "assemble": run_assemble}
 
 
 def main(cfg):
-    dist = setup_dist(cfg.device)
-    torch.manual_seed(cfg.seed)
+    dist, say = start_stage(cfg, "puzzle")   # processes, device, seed
     pcfg = load_config(cfg.parent)
     space = search_space(pcfg, cfg)
     paths = out_paths(cfg.out_dir)
@@ -1197,24 +977,17 @@ def main(cfg):
             state[name] = saved
             continue
         run.load_inputs()
-        if name in ("mip", "assemble") and "library" in state and state["library"]["space"] != space:
-            # never silently reuse a library made for other flags: the MIP would solve another space
-            raise ConfigError(f"--stage={cfg.stage}: the saved library in {cfg.out_dir} was built for another search "
-                              f"space than --kv_heads={cfg.kv_heads} --ffn_fractions={cfg.ffn_fractions} "
-                              f"--ffn_round={cfg.ffn_round} --linear={cfg.linear} --no_op={cfg.no_op} give "
-                              f"({describe_space_diff(state['library']['space'], space)}); pass the flags it was made "
-                              f"with, or redo it with --stage=library (or --stage=all)")
+        check_library_space(cfg, name, state, space)
         t0 = time.time()
         state[name] = RUN_STAGE[name](run, settings, state)
         times[name] = time.time() - t0
         if dist.ddp:
             torch.distributed.barrier()
-        if dist.master:
-            print(f"[puzzle] {name}: {times[name]:.1f} s", file=sys.stderr)
-            run.log.log(stage=name, time_s=times[name])
-    if dist.master and times:
-        print(f"[puzzle] done in {time.time() - t_all:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
-              + f") -> {cfg.out_dir}", file=sys.stderr)
+        say(f"{name}: {times[name]:.1f} s")
+        run.log.log(stage=name, time_s=times[name])
+    if times:
+        say(f"done in {time.time() - t_all:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+            + f") -> {cfg.out_dir}")
     teardown_dist(dist)
     return state
 

@@ -19,13 +19,16 @@ atomically (configurator.atomic_write), a checkpoint folder beside its old self 
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from checkpoint import save_model
+from checkpoint import load_model, save_model
 from configurator import ConfigError, atomic_dir, atomic_write, read_json_object, write_json
 from data import load_token_shards, load_tokenizer
+from evaluate import bench_decode_many
 from runtime import plot_curves, read_metrics
 
 STAGES = ("library", "score", "cost", "mip", "assemble")
@@ -336,3 +339,120 @@ def draw_layout(path, models, pcfg, titles_extra):
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
+
+
+def check_library_space(cfg, name, state, space):
+    """Never silently reuse a library made for other flags: the MIP would solve another space."""
+    if name in ("mip", "assemble") and "library" in state and state["library"]["space"] != space:
+        raise ConfigError(f"--stage={cfg.stage}: the saved library in {cfg.out_dir} was built for another search "
+                          f"space than --kv_heads={cfg.kv_heads} --ffn_fractions={cfg.ffn_fractions} "
+                          f"--ffn_round={cfg.ffn_round} --linear={cfg.linear} --no_op={cfg.no_op} give "
+                          f"({describe_space_diff(state['library']['space'], space)}); pass the flags it was made "
+                          f"with, or redo it with --stage=library (or --stage=all)")
+
+
+def describe_space_diff(saved, wanted):
+    names = lambda sp, sub: [c.get("name", str(c)) for c in sp.get(sub, [])] if isinstance(sp, dict) else []
+    parts = []
+    for sub in ("attention", "ffn"):
+        a, b = names(saved, sub), names(wanted, sub)
+        if a != b:
+            parts.append(f"{sub}: saved {a}, flags {b}")
+    return "; ".join(parts) or "the candidates differ"
+
+
+def library_record(space, init_loss, final_loss, n_layers):
+    """Per layer and sub-block: {name: {"init_loss", "final_loss"}} for every candidate
+    (the parent's own: 0, a no_op: exactly 1, both untrained)."""
+    rec = {}
+    for sub in space:   # attention, ffn
+        rec[sub] = []
+        for l in range(n_layers):
+            row = {space[sub][0]["name"]: {"init_loss": 0.0, "final_loss": 0.0, "trained": False}}
+            for spec in space[sub][1:]:
+                k = (l, sub, spec["name"])
+                if k in init_loss:
+                    row[spec["name"]] = {"init_loss": init_loss[k], "final_loss": final_loss[k], "trained": True}
+                else:
+                    row[spec["name"]] = {"init_loss": 1.0, "final_loss": 1.0, "trained": False}
+            rec[sub].append(row)
+    return rec
+
+
+@dataclass
+class Run:
+    """What every stage reads: the flags, the parent's config and search space, the processes,
+    the log and the output paths; the parent, its tokenizer and the token data are loaded when
+    the first stage that needs them runs (a re-solved MIP needs none of them)."""
+    cfg: object
+    pcfg: object
+    space: dict
+    dist: object
+    log: object
+    paths: dict
+    parent: object = None
+    tok: object = None
+    data: dict = None
+
+    def load_inputs(self):
+        if self.parent is None:
+            self.parent = load_model(self.cfg.parent, device=self.dist.device).eval().requires_grad_(False)
+            self.tok = parent_tokenizer(self.cfg, self.pcfg)
+            self.data = load_data(self.cfg, self.pcfg, self.tok)
+
+    def publish(self, stage, res, rows=(), text=None):
+        """A stage's result: its JSON file, its metrics.jsonl rows, its table on stdout (the
+        master process only)."""
+        if self.dist.master:
+            write_json(self.paths[stage], res)
+            for row in rows:
+                self.log.log(stage=stage, **row)
+            if text is not None:
+                print(text)
+
+
+def measure_probes(cfg, models):
+    """The cost probes timed together (evaluate.bench_decode_many: interleaved repeats, medians).
+    A busy machine shows as repeats that disagree: a probe whose spread exceeds --cost_max_spread
+    is measured again, up to --cost_retries times, and the calmest measurement kept. Returns
+    (result, its largest spread, every attempt's largest spread)."""
+    attempts = []
+    for attempt in range(1 + cfg.cost_retries):
+        with tqdm(total=len(models) * (1 + cfg.cost_repeats), desc="cost probes (compile, then timing)",
+                  unit="call", file=sys.stderr) as bar:
+            res = bench_decode_many(models, cfg.cost_batch_size, cfg.cost_prompt_len, cfg.cost_new_tokens,
+                                    compile=cfg.compile, repeats=cfg.cost_repeats, progress=bar)
+        worst = max(res, key=lambda k: res[k]["spread"])
+        attempts.append((res[worst]["spread"], res))
+        if res[worst]["spread"] <= cfg.cost_max_spread:
+            break
+        print(f"warning: cost probe {worst!r} spread {res[worst]['spread']:.0%} over its {cfg.cost_repeats} "
+              f"repeats (> --cost_max_spread={cfg.cost_max_spread}): the machine looks busy"
+              + ("; measuring again" if attempt < cfg.cost_retries else "; keeping the calmest measurement"),
+              file=sys.stderr)
+    max_spread, res = min(attempts, key=lambda a: a[0])
+    return res, max_spread, attempts
+
+
+def save_assembly(run, res, child, control, models, extras, parent_pred):
+    """The assemble stage's outputs: the checkpoint folders first (child, homogeneous control,
+    DeciLM export), then the layout table and picture, and assemble.json, which marks the stage
+    done, last."""
+    cfg, paths = run.cfg, run.paths
+    save_checkpoint_folder(child, paths["child"], run.tok)
+    if control is not None:
+        save_checkpoint_folder(control, paths["control"], run.tok)
+    if cfg.export_hf:
+        save_checkpoint_folder(child, paths["child_hf"], run.tok, fmt="hf")
+    table = layout_table(models, assemble_summary(res, parent_pred))
+    atomic_write(paths["layout"], table + "\n")
+    draw_layout(paths["layout_png"], models, run.pcfg, extras)
+    write_json(paths["assemble"], res)
+    run.log.log(stage="assemble", child_kl=res["child"]["kl"], child_score=res["child"]["score"],
+                child_predicted_speedup=res["child"]["predicted_speedup"],
+                child_measured_speedup=res["child"]["measured_speedup"],
+                control_kl=res["control"]["kl"] if control is not None else None,
+                control_score=res["control"]["score"] if control is not None else None)
+    print(table)
+    print(f"child -> {paths['child']}" + (f", control -> {paths['control']}" if control is not None else "")
+          + (f", DeciLM export -> {paths['child_hf']}" if cfg.export_hf else ""))

@@ -6,6 +6,7 @@ one error path live in configurator.py (re-exported here for the stage scripts).
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from configurator import (PROGRESS, ConfigError, Interrupted, UserError, append_line, atomic_write,  # noqa: F401
-                          check_out_dir, parse_config, read_json_object, remove_tmp_files, run_main, write_json)   # (re-exported)
+                          check, check_out_dir, parse_config, read_json_object, remove_tmp_files, run_main, write_json)   # (re-exported)
 
 
 def config_dict(cfg):
@@ -95,6 +96,24 @@ def all_sum(dist, x):
     if on_device is not x:
         x.copy_(on_device)
     return x
+
+
+def all_sum_grads(params, dist):
+    """Sum the gradients of `params` over processes, one flat all-reduce (for trainers that divide
+    each process's loss by global counts themselves instead of using the DDP wrapper: grpo.py,
+    puzzle.py's BLD). A parameter without a gradient gets zeros first, so every process reduces
+    the same tensors even when one of them had nothing to train on in this update."""
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if dist.ddp:
+        flat = torch.cat([p.grad.flatten() for p in params])
+        all_sum(dist, flat)
+        i = 0
+        for p in params:
+            p.grad.copy_(flat[i:i + p.numel()].view_as(p))
+            i += p.numel()
 
 
 def grad_sync(model, last_micro_step):
@@ -239,6 +258,65 @@ def prepare_for_training(model, cfg, dist, state=None, **adam):
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     return model, raw, opt
+
+
+def start_stage(cfg, name):
+    """The preamble every stage's main shares: processes and device (setup_dist), --precision
+    resolved ("auto" -> what runs, so train_config.json records it), the seed, and `say`, a print
+    to stderr on the master process tagged with the stage's name. Returns (dist, say)."""
+    dist = setup_dist(cfg.device)
+    if hasattr(cfg, "precision"):
+        cfg.precision = resolve_precision(dist.device, cfg.precision)
+    torch.manual_seed(cfg.seed)
+    return dist, stage_say(name, dist.master)
+
+
+def stage_say(name, master=True):
+    return (lambda msg: print(f"[{name}] {msg}", file=sys.stderr)) if master else (lambda msg: None)
+
+
+def clip_and_step(params, opt, grad_clip, nonfinite):
+    """Clip the gradient norm, refuse a non-finite one before the update writes NaN into the
+    weights (NonFiniteError(nonfinite(norm)): the caller names the likely cause), step, zero the
+    gradients. Returns the norm before clipping."""
+    from model import NonFiniteError
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteError(nonfinite(grad_norm))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def every(step, interval, end):
+    """After step `step` (0-based) of a run ending at `end`: is a log row due (every `interval`
+    steps, and at the end)?"""
+    return (step + 1) % interval == 0 or step + 1 == end
+
+
+def ckpt_due(step, interval, end):
+    """An intermediate checkpoint after step `step` (--ckpt_interval; the last one is saved anyway)."""
+    return bool(interval) and (step + 1) % interval == 0 and step + 1 < end
+
+
+class Throughput:
+    """Tokens per second of training time only (evals and checkpoints are not counted), over the
+    steps since the last `take`."""
+
+    def __init__(self):
+        self.seconds, self.tokens = 0.0, 0
+
+    @contextlib.contextmanager
+    def step(self, tokens):
+        t0 = time.time()
+        yield
+        self.seconds += time.time() - t0
+        self.tokens += tokens
+
+    def take(self):
+        rate = self.tokens / self.seconds
+        self.seconds, self.tokens = 0.0, 0
+        return rate
 
 
 class PhaseClock:
@@ -667,3 +745,92 @@ def windows(data, offsets, seq_len, bos_id, device, mask=None):
         y[~torch.from_numpy(keep).to(device)] = -100
     doc_ids, positions = doc_ids_and_positions(x, bos_id)
     return x, y, doc_ids, positions
+
+
+# ------------------------------------------------------------------------------------------------
+# The windows' lengths when left to the data (--seq_len=0, --total_batch_size=0), and the data's
+# identity for --resume.
+
+def check_batch(cfg, resolved=False):
+    """resolved: seq_len came from --seq_len=0, so the message says where it came from (a user who
+    never set it would otherwise read of a seq_len of 256)."""
+    how = (f" (--seq_len=0 resolved to {cfg.seq_len}: the longest document rounded up to a power of two, at "
+           f"most the models' contexts and total_batch_size / device_batch_size; set --seq_len)" if resolved else "")
+    check(cfg.total_batch_size % (cfg.device_batch_size * cfg.seq_len) == 0, "total_batch_size",
+          cfg.total_batch_size, f"must be a multiple of device_batch_size * seq_len = "
+          f"{cfg.device_batch_size} * {cfg.seq_len} = {cfg.device_batch_size * cfg.seq_len}{how}")
+
+
+DEFAULT_BATCH_TOKENS = 4096
+
+
+def longest_document(data, bos_id, cap, block=1 << 24):
+    """Length of the longest document (BOS to BOS) of a token stream, or `cap` as soon as one
+    reaches it: read in blocks, so a large memmapped corpus is not loaded whole."""
+    longest, start = 0, 0
+    for a in range(0, len(data), block):
+        for p in np.flatnonzero(np.asarray(data[a:a + block]) == bos_id) + a:
+            longest, start = max(longest, int(p) - start), int(p)
+        if max(longest, min(len(data), a + block) - start) >= cap:
+            return cap
+    return max(longest, len(data) - start)
+
+
+def resolve_lengths(cfg, train, bos_id, contexts, world_size):
+    """--seq_len=0 and --total_batch_size=0: windows as long as the documents need, never longer
+    than a model's context (a 131,072-token Llama 3 context does not make 131,072-token windows)
+    nor than a micro-step's share of the batch; a batch of ~4096 tokens in whole micro-steps.
+    Resolved into cfg, so train_config.json records what ran."""
+    resolved = not cfg.seq_len
+    if resolved:
+        cap = min(contexts + [(cfg.total_batch_size or DEFAULT_BATCH_TOKENS) // cfg.device_batch_size])
+        cfg.seq_len = auto_seq_len(cap, longest_document(train, bos_id, max(1, cap)))
+    if not cfg.total_batch_size:
+        cfg.total_batch_size = auto_total_batch(DEFAULT_BATCH_TOKENS, cfg.device_batch_size, cfg.seq_len, world_size)
+    check_batch(cfg, resolved)
+
+
+def data_fingerprint(data):
+    """A cheap identity of a token stream (length + 4096 tokens spread over it), stored in the
+    checkpoint so that --resume=True refuses to continue on other data at the same path."""
+    idx = np.linspace(0, len(data) - 1, num=min(4096, len(data))).astype(np.int64)
+    sample = np.asarray(data[idx], dtype=np.int64)
+    return f"{len(data)}:{hashlib.sha256(sample.tobytes()).hexdigest()[:16]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Model FLOPs utilisation (logged on a GPU) and a non-finite step named with its likely cause.
+
+def estimate_flops_per_token(mcfg, seq_len):
+    """6 N (matmul weights, fwd + bwd) + 12 * attention-layers * heads * head_dim * T (scores and
+    values), the PaLM appendix B estimate. The embedding lookup is no matmul; lm_head is, even
+    when it shares its matrix with the embedding."""
+    from model import count_params
+    n = count_params(mcfg) - mcfg.vocab_size * mcfg.hidden_size * (0 if mcfg.tie_word_embeddings else 1)
+    n_attn = sum(b.attention == "gqa" for b in mcfg.block_configs)
+    return 6 * n + 12 * n_attn * mcfg.num_attention_heads * mcfg.head_dim * seq_len
+
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+
+
+def gpu_peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+
+
+def nonfinite_message(what, step, start_step, model, cfg):
+    """Name a non-finite loss or gradient with its likely cause: weights that went non-finite
+    during this run (divergence: the learning rate), or a first step with finite weights (the
+    input: the --init_from / --teacher checkpoint or the data, which no --lr can fix)."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return (f"step {step}: {what}; the weights hold non-finite values (NaN or inf): training diverged, "
+                f"lower --lr={cfg.lr} or raise --warmup_steps={cfg.warmup_steps}")
+    if step == start_step:
+        source = ", ".join(f"--{k}={getattr(cfg, k)}" for k in ("init_from", "teacher") if getattr(cfg, k)) or "--init_from=scratch"
+        return (f"step {step}: {what} at the first step of this run, with finite weights: the input causes it "
+                f"({source} or the data in --data_dir={cfg.data_dir}), not the learning rate")
+    return (f"step {step}: {what} with finite weights: training diverged; lower --lr={cfg.lr} or raise "
+            f"--warmup_steps={cfg.warmup_steps}")

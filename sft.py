@@ -51,14 +51,14 @@ from tqdm import tqdm
 
 from checkpoint import load_config, load_model
 from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable)
-from data import RowStream, Source, load_tokenizer, pack, tokenizer_file
-from evaluate import chain_accuracy, describe_eval, generation_eval, stage_eval_problems
+from data import RowStream, Source, load_tokenizer, pack, parse_data_spec, tokenizer_file
+from evaluate import convergence, describe_eval, generation_eval, stage_eval_problems
 from model import CheckpointError, NonFiniteError, count_params
-from runtime import (all_sum, auto_eval_interval, auto_seq_len, auto_total_batch, autocast,
-                     check_heldout_size, check_out_dir, chunked_cross_entropy, grad_accum_steps, grad_sync,
-                     interruptible, load_for_resume, lr_at, MetricsLog, plot_curves, PRECISIONS,
-                     prepare_for_training, read_metrics, resolve_precision, run_main, save_checkpoint, set_lr,
-                     setup_dist, teardown_dist)
+from runtime import (all_sum, auto_eval_interval, auto_seq_len, auto_total_batch, autocast, check_heldout_size,
+                     check_out_dir, chunked_cross_entropy, ckpt_due, clip_and_step, every, grad_accum_steps,
+                     grad_sync, interruptible, load_for_resume, lr_at, MetricsLog, plot_curves, PRECISIONS,
+                     prepare_for_training, read_metrics, run_main, save_checkpoint, set_lr, start_stage,
+                     teardown_dist, Throughput)
 
 
 @dataclass
@@ -150,29 +150,6 @@ class SFTConfig:
         check_heldout_size("eval_problems", self.eval_problems, "val")
         check_out_dir(self.out_dir, [("init_from", self.init_from), *(("data", p) for p, _ in sources),
                                      ("val_data", self.val_data)], resume=self.resume, overwrite=self.overwrite)
-
-
-def parse_data_spec(spec):
-    """'a.jsonl:0.7,b.jsonl:0.3' -> [(path, weight)]. One file needs no weight (1.0); several
-    each need one. Weights are relative (normalised to sum 1)."""
-    out = []
-    for part in spec.split(","):
-        path, weight = part.strip(), None
-        if ":" in path:
-            head, tail = path.rsplit(":", 1)
-            try:
-                weight = float(tail)
-                path = head
-            except ValueError:
-                pass  # a ':' that belongs to the path
-        if not path:
-            raise ConfigError(f"--data={spec!r}: empty file name in {part!r}")
-        if weight is not None and not (math.isfinite(weight) and weight > 0):
-            raise ConfigError(f"--data={spec!r}: the weight of {path} must be a positive number, got {tail!r}")
-        out.append((path, weight))
-    if len(out) > 1 and any(w is None for _, w in out):
-        raise ConfigError(f"--data={spec!r}: with several files, give each a weight (path:weight,...)")
-    return [(p, 1.0 if w is None else w) for p, w in out]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,16 +263,6 @@ def evaluate(model, tok, val_rows, val_sources, problems, cfg, device, pad_id):
     return row
 
 
-def convergence(rows, two_thirds, end):
-    """{"chain_accuracy_on_two_thirds", "chain_accuracy_on_end", "chain_gain_last_third"} from the
-    generation evals logged at those steps (None if one of them is missing)."""
-    at = {r["step"]: chain_accuracy(r) for r in rows if "accuracy_on" in r}
-    if at.get(two_thirds) is None or at.get(end) is None:
-        return None
-    return {"chain_accuracy_on_two_thirds": at[two_thirds], "chain_accuracy_on_end": at[end],
-            "chain_gain_last_third": at[end] - at[two_thirds]}
-
-
 def final_eval(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id, log, two_thirds, end, say):
     """The last evaluation, and convergence: held-out chain accuracy at 2/3 of the steps and at
     the end (if it still rises, a later stage's gain could be more SFT's)."""
@@ -350,11 +317,8 @@ RESUME_KEYS = ("init_from", "data", "seed", "seq_len", "total_batch_size", "epoc
 
 
 def main(cfg):
-    dist = setup_dist(cfg.device)
+    dist, say = start_stage(cfg, "sft")   # processes, device, --precision, seed
     device, master = dist.device, dist.master
-    cfg.precision = resolve_precision(device, cfg.precision)   # "auto" -> what runs, recorded as such
-    torch.manual_seed(cfg.seed)
-    say = (lambda msg: print(f"[sft] {msg}", file=sys.stderr)) if master else (lambda msg: None)
 
     # The starting model and its own tokenizer: the rows are rendered with it.
     model = load_model(cfg.init_from)
@@ -393,7 +357,7 @@ def main(cfg):
         say(f"step 0: {describe_eval(row)}")
 
     bar = tqdm(range(start_step, end), disable=not master, desc="sft", initial=start_step, total=end)
-    train_time, tokens_since, real_since = 0.0, 0, 0
+    speed, real_since = Throughput(), 0
     save = lambda s: master and save_checkpoint(cfg.out_dir, raw, opt, s, cfg, tok, extra={"data": data_stats})  # noqa: E731
     for step in interruptible(bar, save):   # Ctrl-C: save the last finished step, exit 130
         due = (cfg.eval_interval and step % cfg.eval_interval == 0) or (problems and step == two_thirds)
@@ -401,28 +365,25 @@ def main(cfg):
             row = evaluate(raw, tok, val_rows, val_sources, problems, cfg, device, pad_id)
             log.log(step=step, **row)
             bar.write(f"[sft] step {step}: {describe_eval(row)}", file=sys.stderr)
-        t0 = time.time()
-        lr = lr_at(step, max_steps, cfg.lr, warmup, cfg.min_lr_frac)
-        set_lr(opt, lr)
-        rows = stream.rows(step * rows_per_step, rows_per_step)
-        loss = step_gradients(model, rows, stream.n_targets(rows), sources, accum, cfg, dist, pad_id,
-                              tok.start_header_id)
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"step {step}: the SFT loss is not finite ({loss}); lower --lr")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        train_time += time.time() - t0  # tokens/s counts training only, not evals or checkpoints
-        tokens_since += cfg.total_batch_size
+        with speed.step(cfg.total_batch_size):
+            lr = lr_at(step, max_steps, cfg.lr, warmup, cfg.min_lr_frac)
+            set_lr(opt, lr)
+            rows = stream.rows(step * rows_per_step, rows_per_step)
+            loss = step_gradients(model, rows, stream.n_targets(rows), sources, accum, cfg, dist, pad_id,
+                                  tok.start_header_id)
+            if not math.isfinite(loss):
+                raise NonFiniteError(f"step {step}: the SFT loss is not finite ({loss}); lower --lr")
+            grad_norm = clip_and_step(raw.parameters(), opt, cfg.grad_clip,
+                                      lambda g: f"step {step}: the gradient norm is {g}; lower --lr")
         real_since += sum(int(sources[i].lengths[j]) for row in rows for i, j in row)
-        if master and ((step + 1) % cfg.log_interval == 0 or step + 1 == end):
+        if master and every(step, cfg.log_interval, end):
             row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "train_loss": loss,
-                   "epoch": (step + 1) * rows_per_step / epoch_rows, "tokens_per_s": tokens_since / train_time,
-                   "fill": real_since / tokens_since}
+                   "epoch": (step + 1) * rows_per_step / epoch_rows, "fill": real_since / speed.tokens,
+                   "tokens_per_s": speed.take()}
             log.log(**row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            train_time, tokens_since, real_since = 0.0, 0, 0
-        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < end:
+            real_since = 0
+        if ckpt_due(step, cfg.ckpt_interval, end):
             save(step + 1)
     if master:
         save(end)

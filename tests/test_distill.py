@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import distill
+import runtime
 from checkpoint import save_model
 from data import DataConfig, load_token_shards, load_tokenizer, prepare
 from model import ModelConfig, Transformer
@@ -270,7 +271,7 @@ def test_bad_input_errors(data_dir, tmp_path):
         run(data_dir, tmp_path / "x", "--seq_len=0", "--total_batch_size=5000", "--max_steps=1")
     cfg = parse_config(distill.DistillConfig, TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'x'}",
                                                      "--seq_len=0", "--total_batch_size=0"])
-    distill.resolve_lengths(cfg, load_token_shards(os.path.join(data_dir, "pretrain_train")),
+    runtime.resolve_lengths(cfg, load_token_shards(os.path.join(data_dir, "pretrain_train")),
                             load_tokenizer(data_dir).bos_id, [64], 2)
     assert (cfg.seq_len, cfg.total_batch_size) == (64, 4096)   # a 64-token context; 16 rows of 2 processes x 4
 
@@ -287,8 +288,8 @@ def test_flops_per_token_for_mfu():
     untied, tied = ModelConfig.llama(**kw), ModelConfig.llama(tie_word_embeddings=True, **kw)
     per_layer = 4 * 64 * 64 + 3 * 64 * 96 + 2 * 64  # q,k,v,o + SwiGLU + 2 norms
     n = 2 * per_layer + 64 + 1000 * 64               # layers + final norm + lm_head
-    assert distill.estimate_flops_per_token(untied, 128) == 6 * n + 12 * 2 * 4 * 16 * 128
-    assert distill.estimate_flops_per_token(tied, 128) == distill.estimate_flops_per_token(untied, 128)
+    assert runtime.estimate_flops_per_token(untied, 128) == 6 * n + 12 * 2 * 4 * 16 * 128
+    assert runtime.estimate_flops_per_token(tied, 128) == runtime.estimate_flops_per_token(untied, 128)
 
 
 def test_a_step_without_loss_targets_is_zero_not_nan(data_dir, tmp_path):

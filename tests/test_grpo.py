@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import grpo
+import runtime
 from checkpoint import save_model
 from configurator import ConfigError, parse_config, run_main
 from data import DataConfig, load_tokenizer, prepare, generate_problems
@@ -268,13 +269,13 @@ def test_zero_variance_groups_skipped_and_first_update_has_ratio_one(world):
     mk = lambda resp, acc: {"prompt": p, "response": resp, "accuracy": acc, "format": 1.0}  # noqa: E731
     # group 0: rewards (1, 0), responses of 2 and 4 tokens; group 1: (1, 1), skipped
     samples = [mk([d[3], eot], 1.0), mk([d[4], d[4], d[4], eot], 0.0), mk([d[3], eot], 1.0), mk([d[3], eot], 1.0)]
-    sums, same = grpo.train_on_rollouts(model, None, opt, samples, [0, 1], 0, cfg, grpo.setup_dist("cpu"), tok, "cpu")
+    sums, same = grpo.train_on_rollouts(model, None, opt, samples, [0, 1], 0, cfg, runtime.setup_dist("cpu"), tok, "cpu")
     assert sums["skipped_groups"] == 1 and same["trained_tokens"] == 6 and same["updates"] == 1
     assert sums["kl_old_sum"] == 0 and sums["clipped"] == 0  # the same forward as the old log-probs: ratio 1
     a = 0.5 / (math.sqrt(0.5) + cfg.adv_eps)  # A = +-0.5 / sample std of (1, 0)
     assert math.isclose(sums["loss"], -(2 * a - 4 * a) / 6, rel_tol=1e-5)  # token-weighted -A
     # every group skipped: no optimizer step at all (AdamW would still move weights by momentum)
-    sums, same = grpo.train_on_rollouts(model, None, opt, samples[2:], [1], 0, cfg, grpo.setup_dist("cpu"), tok, "cpu")
+    sums, same = grpo.train_on_rollouts(model, None, opt, samples[2:], [1], 0, cfg, runtime.setup_dist("cpu"), tok, "cpu")
     assert same["updates"] == 0 and same["trained_tokens"] == 0
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ffn_fusion
 import puzzle
 import puzzle_io
 from checkpoint import load_config, load_model, save_model
@@ -309,11 +310,11 @@ def test_ffn_fusion_identity_and_the_fused_model_works(world, tmp_path):
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight"):
                 p.uniform_(0.5, 1.5)
-    assert puzzle.ffn_runs(cfg) == [[0, 1, 3]]
-    assert puzzle.ffn_runs(ModelConfig(block_configs=[BlockConfig("no_op", None, "swiglu", None, 8)] * 2
+    assert ffn_fusion.ffn_runs(cfg) == [[0, 1, 3]]
+    assert ffn_fusion.ffn_runs(ModelConfig(block_configs=[BlockConfig("no_op", None, "swiglu", None, 8)] * 2
                                        + [BlockConfig("no_op", None, "linear", None, None)]
                                        + [BlockConfig("no_op", None, "swiglu", None, 8)] * 2)) == [[0, 1], [3, 4]]
-    fused = puzzle.fuse_ffns(model, [[0, 1, 3]])
+    fused = ffn_fusion.fuse_ffns(model, [[0, 1, 3]])
     assert fused.config.num_hidden_layers == 3  # layers 1, 2, 3 disappear into layer 0
     b0 = fused.config.block_configs[0]
     assert (b0.attention, b0.ffn, fused.config.ffn_width(0)) == ("gqa", "swiglu", 48 + 32 + 16)
@@ -331,12 +332,12 @@ def test_ffn_fusion_identity_and_the_fused_model_works(world, tmp_path):
     out = again.generate([[1, 2, 3]], 5, temperature=0.0)
     assert len(out[0]) == 5
     # the dependency measure: 0 for a block reading the run's first input (itself), in [0, 2] otherwise
-    inputs = puzzle.ffn_inputs(model, [_input(model)])
-    assert abs(puzzle.ffn_dependency(model, inputs, 0, 0)) < 1e-6
-    assert 0 <= puzzle.ffn_dependency(model, inputs, 0, 3) <= 2
-    groups, deps = puzzle.choose_fusion_groups(model, [_input(model)], threshold=2.0)
+    inputs = ffn_fusion.ffn_inputs(model, [_input(model)])
+    assert abs(ffn_fusion.ffn_dependency(model, inputs, 0, 0)) < 1e-6
+    assert 0 <= ffn_fusion.ffn_dependency(model, inputs, 0, 3) <= 2
+    groups, deps = ffn_fusion.choose_fusion_groups(model, [_input(model)], threshold=2.0)
     assert groups == [[0, 1, 3]] and set(deps) == {"0->1", "0->3"}
-    assert puzzle.choose_fusion_groups(model, [_input(model)], threshold=0.0)[0] == []
+    assert ffn_fusion.choose_fusion_groups(model, [_input(model)], threshold=0.0)[0] == []
 
 
 # ------------------------------------------------------------------------------------------------
