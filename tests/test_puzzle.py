@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import ffn_fusion
 import puzzle
 import puzzle_io
+import runtime
 from checkpoint import load_config, load_model, save_model
 from data import DataConfig, load_tokenizer, prepare
 from model import BlockConfig, ModelConfig, Transformer, count_params, kv_bytes_per_token
@@ -193,7 +194,7 @@ def test_bld_lowers_every_candidates_loss(world, tmp_path):
     space = puzzle.search_space(pcfg, cfg)
     log = puzzle.MetricsLog(str(tmp_path / "m.jsonl"))
     cands, init, final, info = puzzle.train_library(cfg, pcfg, parent, space, data["train"], data["val"],
-                                                    tok.bos_id, puzzle.setup_dist("cpu"), log)
+                                                    tok.bos_id, runtime.setup_dist("cpu"), log)
     assert info["steps"] == 4096 // (4 * 32) and len(cands) == 3 * (2 + 6)
     assert all(final[k] < init[k] for k in cands), {k: (init[k], final[k]) for k in cands if final[k] >= init[k]}
     rec = puzzle.library_record(space, init, final, 3)
@@ -217,7 +218,7 @@ def test_replace1_score_is_the_kl_of_the_swapped_model(world):
     cfg = puzzle.PuzzleConfig(ffn_round=8)
     mods = puzzle.build_candidates(cfg, pcfg, parent, space, stats)
     batches = [_input(parent, seed=s) for s in (3, 4)]
-    kl = puzzle.replace1_kl_scores(parent, space, mods, batches, puzzle.setup_dist("cpu"))
+    kl = puzzle.replace1_kl_scores(parent, space, mods, batches, runtime.setup_dist("cpu"))
     tensors = {f"layers.{l}.{sub}.{n}.{p}": t for (l, sub, n), m in mods.items() for p, t in m.state_dict().items()}
     L = pcfg.num_hidden_layers
     for key in ((1, "attention", "gqa_kv1"), (0, "ffn", "swiglu_16"), (2, "attention", "no_op"), (1, "ffn", "linear")):
