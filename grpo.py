@@ -91,6 +91,11 @@ class GRPOConfig:
                                             # max_steps (each drawn about once). 240: each drawn ~twice in the
                                             # 30 x 16 draws; keeping 480 scanned 2,392 prompts (280 s) when SFT
                                             # already solved 80% of them
+    prefilter_max_scan: int = 2000          # ...or once this many prompts are scanned and at least
+                                            # prompts_per_step kept (0 = no limit). A policy that already
+                                            # solves most prompts scans the whole file for a pool it cannot
+                                            # fill: seed 1337 on a 2-core EPYC without AMX scanned all 4,000
+                                            # in 476 s for 144 kept (seeds 2, 3 on the AMX machine: 206 s)
     # rollouts (paper: 72 prompts x 16 samples, temperature 1, top-p 1)
     prompts_per_step: int = 16              # groups per rollout batch
     group_size: int = 8                     # G samples per prompt
@@ -157,7 +162,7 @@ class GRPOConfig:
         if self.eval_interval is None:   # evaluations scale with the run (recorded in train_config.json)
             self.eval_interval = 0
             self.eval_problems = self.eval_problems if auto_eval_interval(self.max_steps) else 0
-        for name in ("prefilter_samples", "pool_size", "stop_after", "warmup_steps", "eval_interval",
+        for name in ("prefilter_samples", "pool_size", "prefilter_max_scan", "stop_after", "warmup_steps", "eval_interval",
                      "eval_problems", "ckpt_interval", "kl_weight", "format_weight", "weight_decay"):
             check_range(self, name, 0)
         check_range(self, "prefilter_samples", 0, self.gen_groups * self.group_size)
@@ -314,7 +319,8 @@ def prefilter(model, tok, rows, cfg, dist, say):
     are already solved: their groups would mostly be all-correct, zero-variance, skipped).
 
     Only what the run needs is sampled: candidates are taken in a seeded order, in chunks of as many
-    prompts as fill one generate call, until --pool_size prompts are kept (or the file ends). Rows
+    prompts as fill one generate call, until --pool_size prompts are kept, or --prefilter_max_scan
+    are scanned with at least --prompts_per_step kept, or the file ends. Rows
     that carry "pass_rate" are not sampled. A prompt is sampled in its row's "reasoning" mode, else
     "on": the pass rate with reasoning is what RL is to raise. Chunk c runs on process c % world
     (seeded by (seed, c)), and the kept pool is the same prefix of chunks for any number of
@@ -326,6 +332,8 @@ def prefilter(model, tok, rows, cfg, dist, say):
     per_chunk = rows_per_call // cfg.prefilter_samples if cfg.prefilter_samples else len(rows)
     n_chunks = math.ceil(len(rows) / per_chunk)
     pool, scanned, n_sampled = [], [], 0
+    cap = cfg.prefilter_max_scan
+    done = lambda: len(pool) >= need or (cap and len(scanned) >= cap and len(pool) >= cfg.prompts_per_step)  # noqa: E731
     bar = tqdm(total=need, desc="prefilter", disable=not dist.master, unit="kept")
     for first in range(0, n_chunks, dist.world_size):  # one round: a chunk per process
         span = range(first, min(first + dist.world_size, n_chunks))
@@ -356,10 +364,10 @@ def prefilter(model, tok, rows, cfg, dist, say):
                 scanned.append((int(i), rate, keep))
                 if keep:
                     pool.append((int(i), rate))
-            if len(pool) >= need:  # this chunk completes the pool: later chunks are not used
+            if done():  # this chunk completes the pool (or the scan): later chunks are not used
                 break
         bar.update(min(len(pool), need) - bar.n)
-        if len(pool) >= need:
+        if done():
             break
     bar.close()
     pool = pool[:need]
@@ -528,6 +536,7 @@ def train_on_rollouts(model, reference, opt, samples, group_ids, step, cfg, dist
 # What a resumed run must share with the run it continues: the prompt stream, the rollouts and the
 # update rule. Everything random is a function of (seed, step), so nothing else needs saving.
 RESUME_KEYS = ("init_from", "data", "seed", "prefilter_samples", "max_pass_rate", "min_pass_rate", "pool_size",
+               "prefilter_max_scan",
                "prompts_per_step",
                "group_size", "gen_groups", "max_new_tokens", "temperature", "top_p", "on_fraction", "format_weight",
                "eps_low", "eps_high", "adv_eps", "kl_weight", "updates_per_rollout", "curriculum",

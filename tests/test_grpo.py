@@ -307,6 +307,26 @@ def test_run_prefilter_logs_and_learns_signal(world, tmp_path):
     assert load_tokenizer(out).n_vocab == world["tok"].n_vocab
 
 
+def test_prefilter_max_scan_stops_the_scan_once_a_batch_is_kept(world):
+    """--prefilter_max_scan ends the scan after that many prompts (whole chunks of one generate call:
+    2 prompts here) once --prompts_per_step are kept; with fewer kept it scans on."""
+    from checkpoint import load_model
+    from data import load_rl_jsonl
+    model, tok, rows = load_model(world["policy"]), world["tok"], load_rl_jsonl(world["rl"])
+    base = dict(prefilter_samples=4, gen_groups=2, group_size=4, max_new_tokens=4, compile=False, seed=3,
+                pool_size=40)
+
+    def scan(**kw):
+        return grpo.prefilter(model, tok, rows, grpo.GRPOConfig(**base, **kw), runtime.setup_dist("cpu"),
+                              lambda msg: None)
+    pool, scanned, stats = scan(prefilter_max_scan=10, prompts_per_step=4)
+    assert len(scanned) == stats["prefilter_scanned"] == 10 and len(pool) >= 4
+    whole_pool, whole, _ = scan(prefilter_max_scan=0, prompts_per_step=4)
+    assert len(whole) > 10 and whole[:10] == scanned and whole_pool[:len(pool)] == pool  # the same seeded scan
+    more_pool, more, _ = scan(prefilter_max_scan=10, prompts_per_step=len(pool) + 2)
+    assert len(more) > 10 and len(more_pool) >= len(pool) + 2 and more == whole[:len(more)]
+
+
 def test_two_processes_equal_one(world, tmp_path):
     """2 gloo processes (each generating and training half of the generate calls) == 1 process."""
     env = {**ENV, "OMP_NUM_THREADS": "1"}
