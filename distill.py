@@ -34,7 +34,7 @@ from data import load_token_shards, load_tokenizer
 from model import ModelConfig, NonFiniteError, Transformer, count_params
 from runtime import (all_sum, auto_eval_interval, autocast, check_batch, check_out_dir, chunked_cross_entropy,
                      chunked_kl, ckpt_due, clip_and_step, ConfigError, data_fingerprint, estimate_flops_per_token,
-                     every, gpu_peak_flops, grad_accum_steps, grad_sync, interruptible, load_for_resume, lr_at,
+                     gpu_peak_flops, grad_accum_steps, grad_sync, interruptible, load_for_resume, log_due, lr_at,
                      MetricsLog, nonfinite_message, plot_curves, PRECISIONS, prepare_for_training, read_metrics,
                      resolve_lengths, run_main, save_checkpoint, set_lr, start_stage, step_offsets, teardown_dist,
                      Throughput, windows)
@@ -357,7 +357,7 @@ def main(cfg):
                 raise NonFiniteError(nonfinite_message(f"the loss is not finite ({logged})", step, start_step, raw, cfg))
             grad_norm = clip_and_step(raw.parameters(), opt, cfg.grad_clip, lambda g: nonfinite_message(
                 f"the gradient norm is {g} (loss {logged})", step, start_step, raw, cfg))
-        if master and every(step, cfg.log_interval, end):
+        if master and log_due(step, cfg.log_interval, end):
             row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": speed.take(),
                    **{f"train_{k}": v for k, v in logged.items()}}
             if peak:

@@ -68,10 +68,10 @@ from evaluate import describe_eval, generation_eval, stage_eval_problems
 from grpo_io import (bucket_order, check_pool, draw_curves, load_inputs, pass_at_k, report_prefilter, rollout_bucket,
                      rollout_sums, step_row, write_prefilter)
 from model import count_params
-from runtime import (all_sum, all_sum_grads, auto_eval_interval, check_heldout_size, check_out_dir, ckpt_due, clip_and_step, every,
-                     interruptible, load_for_resume, LOGITS_CHUNK_ELEMENTS, lr_at, make_optimizer, MetricsLog,
-                     PhaseClock, pick_device, read_metrics, run_main, save_checkpoint, set_lr, start_stage,
-                     teardown_dist)
+from runtime import (all_sum, all_sum_grads, auto_eval_interval, check_heldout_size, check_out_dir, ckpt_due,
+                     clip_and_step, interruptible, load_for_resume, log_due, LOGITS_CHUNK_ELEMENTS, lr_at,
+                     make_optimizer, MetricsLog, PhaseClock, pick_device, read_metrics, run_main, save_checkpoint,
+                     set_lr, start_stage, teardown_dist)
 
 
 @dataclass
@@ -605,7 +605,7 @@ def main(cfg):
         timed.update(clock.last)  # this process's times (processes run their share in parallel)
         sums.update(rollout_sums(samples, buckets, cfg))
         g = all_sum(dist, dict(sums))
-        if master and every(step, cfg.log_interval, end):
+        if master and log_due(step, cfg.log_interval, end):
             row = step_row(step, g, same, timed, cfg, [pool_rate[i] for i in idx], modes, buckets, mu,
                            reference is not None)
             log.log(**row)

@@ -288,7 +288,7 @@ def clip_and_step(params, opt, grad_clip, nonfinite):
     return grad_norm
 
 
-def every(step, interval, end):
+def log_due(step, interval, end):
     """After step `step` (0-based) of a run ending at `end`: is a log row due (every `interval`
     steps, and at the end)?"""
     return (step + 1) % interval == 0 or step + 1 == end

@@ -55,8 +55,8 @@ from data import RowStream, Source, load_tokenizer, pack, parse_data_spec, token
 from evaluate import convergence, describe_eval, generation_eval, stage_eval_problems
 from model import CheckpointError, NonFiniteError, count_params
 from runtime import (all_sum, auto_eval_interval, auto_seq_len, auto_total_batch, autocast, check_heldout_size,
-                     check_out_dir, chunked_cross_entropy, ckpt_due, clip_and_step, every, grad_accum_steps,
-                     grad_sync, interruptible, load_for_resume, lr_at, MetricsLog, plot_curves, PRECISIONS,
+                     check_out_dir, chunked_cross_entropy, ckpt_due, clip_and_step, grad_accum_steps, grad_sync,
+                     interruptible, load_for_resume, log_due, lr_at, MetricsLog, plot_curves, PRECISIONS,
                      prepare_for_training, read_metrics, run_main, save_checkpoint, set_lr, start_stage,
                      teardown_dist, Throughput)
 
@@ -376,7 +376,7 @@ def main(cfg):
             grad_norm = clip_and_step(raw.parameters(), opt, cfg.grad_clip,
                                       lambda g: f"step {step}: the gradient norm is {g}; lower --lr")
         real_since += sum(int(sources[i].lengths[j]) for row in rows for i, j in row)
-        if master and every(step, cfg.log_interval, end):
+        if master and log_due(step, cfg.log_interval, end):
             row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "train_loss": loss,
                    "epoch": (step + 1) * rows_per_step / epoch_rows, "fill": real_since / speed.tokens,
                    "tokens_per_s": speed.take()}
