@@ -532,18 +532,19 @@ def load_trainer_state(out_dir):
     return state
 
 
-def heldout_capacity(split, k_min=None, k_max=None, chat_share=0.4):
+def heldout_capacity(split, k_min=None, k_max=None, chat_share=0.4, exact=True):
     """Upper bounds on the distinct problems data.heldout_problems can draw from a held-out split:
     (chains, chat tasks). Chains: half of each k's distinct chains in the split (chains_per_k's cap;
-    k > 6 estimated from the split's fraction of 10^k); chat: the split's fraction of the distinct
-    prompts of the chat tasks (ordered word lists of 1-5 of the words, numbers for "next")."""
+    k > 6 estimated from the split's fraction of 10^k; exact=False: data.split_capacity_floor for
+    k <= 6, no counting); chat: the split's fraction of the distinct prompts of the chat tasks
+    (ordered word lists of 1-5 of the words, numbers for "next")."""
     import math as _m
     import data
     frac = data.SPLIT_FRACTIONS[split]
     k_min = data.EVAL_K_MIN if k_min is None else k_min
     k_max = data.EVAL_K_MAX if k_max is None else k_max
-    chains = sum((data.split_capacity(split, k) if k <= 6 else int(frac * 10 ** k)) // 2
-                 for k in range(k_min, k_max + 1))
+    count = data.split_capacity if exact else data.split_capacity_floor
+    chains = sum((count(split, k) if k <= 6 else int(frac * 10 ** k)) // 2 for k in range(k_min, k_max + 1))
     lists = sum(_m.perm(len(data.WORDS), r) for r in range(1, 6))
     chat = int(frac * (len(data.CHAT_TASKS) - 1) * lists + frac * 9999) // 2
     return chains, chat
@@ -558,8 +559,10 @@ def check_heldout_size(flag, n, split, chat_share=0.4):
     if not n:
         return
     import data
-    chains, chat = heldout_capacity(split)
     n_chat = round(n * chat_share)
+    chains, chat = heldout_capacity(split, exact=False)   # floors: no counting of 10^6 prompts
+    if n - n_chat > chains:
+        chains, chat = heldout_capacity(split)             # counted before refusing
     if n > MAX_EVAL_PROBLEMS or n - n_chat > chains or n_chat > chat:
         raise ConfigError(f"--{flag}={n}: the {split} split holds at most {min(chains + chat, MAX_EVAL_PROBLEMS):,} "
                           f"distinct problems for an evaluation ({chains:,} chains k={data.EVAL_K_MIN}..{data.EVAL_K_MAX}, "

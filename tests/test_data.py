@@ -314,6 +314,25 @@ def test_splits_disjoint_deterministic():
         data.generate_problems("nope", "train", 1, seed=0)
 
 
+def test_capacity_floor_is_a_lower_bound_and_spares_the_count(monkeypatch):
+    """Evaluations size their chains per k from split_capacity_floor and count a k's 10^k prompts
+    only where the floor is not enough (it was ~14 s for k = 3..6 in every sample.py --eval)."""
+    for split in ("val", "test"):
+        for k in range(2, 6):
+            assert data.split_capacity_floor(split, k) <= data.split_capacity(split, k), (split, k)
+    real, counted = data.split_capacity, []
+    monkeypatch.setattr(data, "split_capacity", lambda s, k: counted.append(k) or real(s, k))
+    per_k = data.chains_per_k("test", 1500, 3, 12)   # speedrun.sh's 1,500 test chains
+    assert per_k[3] == real("test", 3) // 2 and sum(per_k.values()) == 1500
+    assert set(per_k.values()) - {per_k[3]} <= {161, 162}
+    from runtime import check_heldout_size
+    check_heldout_size("n", 2500, "test")
+    assert set(counted) == {3}
+    with pytest.raises(ValueError, match="too few distinct chains"):   # k = 4: 969 in test, 484 drawable
+        data.chains_per_k("test", 485, 4, 4)
+    assert 4 in counted
+
+
 def test_pretrain_corpus_states_no_heldout_chat_answer():
     """Word sentences and number runs answer chat tasks; none may answer a val/test problem."""
     text = "\n".join(data.build_pretrain_corpus(600, seed=5))
