@@ -4,6 +4,7 @@ evaluate.py: the two yardsticks every stage of the recipe is judged with.
     evaluate_problems(model, tok, problems, reasoning)   accuracy + think rate on held-out problems
     bench_decode(model, batch_size, ...)                 prefill / decode tokens per second
     bench_decode_many({name: model}, batch_size, ...)    the same for several models, interleaved
+    bench_calmest({name: model}, ...)                    ... measured again while the machine looks busy
 
 The paper reports every model with reasoning on and off (sec. 4-5 tables) and its efficiency as
 throughput (sec. 2); at nano scale the accuracy comes from data.py's verifier on the held-out test
@@ -14,10 +15,12 @@ as bench_decode), so every number in the report comes from one piece of code. It
 and data.py, never a stage file.
 """
 import statistics
+import sys
 import time
 from collections import defaultdict
 
 import torch
+from tqdm import tqdm
 
 from configurator import ConfigError
 from data import ADD_TASK, has_think_block, heldout_problems, verify
@@ -227,6 +230,31 @@ def bench_decode_many(models, batch_size, prompt_len=32, new_tokens=128, compile
                   "new_tokens": new_tokens, "context": prompt_len + new_tokens,
                   "path": "compiled" if compiles[k] else "eager"}
     return out
+
+
+def bench_calmest(models, batch_size, prompt_len, new_tokens, compile, repeats, max_spread, retries,
+                  what="model", flag="--max_spread", desc="decode benchmark"):
+    """bench_decode_many until the machine looks calm. A busy machine shows as repeats that
+    disagree: a measurement whose largest spread exceeds max_spread is taken again, up to `retries`
+    times, and the calmest kept (what / flag name the model and the flag in the warning). On the
+    2-core EPYC VM one child-vs-parent benchmark read 1.42x with a spread of 56%, and 1.88x / 1.78x
+    alone minutes later (spreads 39% / 14%). Returns (result, its largest spread, every attempt's
+    largest spread)."""
+    attempts = []
+    for attempt in range(1 + retries):
+        with tqdm(total=len(models) * (1 + repeats), desc=desc, unit="call", file=sys.stderr) as bar:
+            res = bench_decode_many(models, batch_size, prompt_len, new_tokens, compile=compile, repeats=repeats,
+                                    progress=bar)
+        worst = max(res, key=lambda k: res[k]["spread"])
+        attempts.append((res[worst]["spread"], res))
+        if res[worst]["spread"] <= max_spread:
+            break
+        print(f"warning: {what} {worst!r} spread {res[worst]['spread']:.0%} over its {repeats} "
+              f"repeats (> {flag}={max_spread}): the machine looks busy"
+              + ("; measuring again" if attempt < retries else "; keeping the calmest measurement"),
+              file=sys.stderr)
+    calmest, res = min(attempts, key=lambda a: a[0])
+    return res, calmest, [a[0] for a in attempts]
 
 
 def bench_decode(model, batch_size, prompt_len=32, new_tokens=128, compile=True, repeats=5, seed=0):

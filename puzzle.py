@@ -669,7 +669,7 @@ def run_cost(run, settings, state):
                        "params": layer_free_params(pcfg)},
              "candidates": cands, "probes": res,
              "max_spread": max_spread, "busy": max_spread > cfg.cost_max_spread,
-             "attempts": [a[0] for a in attempts],
+             "attempts": attempts,
              "time": {"compile_s": sum(r["compile_s"] for r in res.values()),
                       "timing_s": total_s - sum(r["compile_s"] for r in res.values()), "total_s": total_s}}
     parent_choice = {sub: [space[sub][0]["name"]] * L for sub in SUBS}

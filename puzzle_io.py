@@ -23,12 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from checkpoint import load_model, save_model
 from configurator import ConfigError, atomic_dir, atomic_write, read_json_object, write_json
 from data import load_token_shards, load_tokenizer
-from evaluate import bench_decode_many
+from evaluate import bench_calmest
 from runtime import plot_curves, read_metrics
 
 STAGES = ("library", "score", "cost", "mip", "assemble")
@@ -412,26 +411,12 @@ class Run:
 
 
 def measure_probes(cfg, models):
-    """The cost probes timed together (evaluate.bench_decode_many: interleaved repeats, medians).
-    A busy machine shows as repeats that disagree: a probe whose spread exceeds --cost_max_spread
-    is measured again, up to --cost_retries times, and the calmest measurement kept. Returns
-    (result, its largest spread, every attempt's largest spread)."""
-    attempts = []
-    for attempt in range(1 + cfg.cost_retries):
-        with tqdm(total=len(models) * (1 + cfg.cost_repeats), desc="cost probes (compile, then timing)",
-                  unit="call", file=sys.stderr) as bar:
-            res = bench_decode_many(models, cfg.cost_batch_size, cfg.cost_prompt_len, cfg.cost_new_tokens,
-                                    compile=cfg.compile, repeats=cfg.cost_repeats, progress=bar)
-        worst = max(res, key=lambda k: res[k]["spread"])
-        attempts.append((res[worst]["spread"], res))
-        if res[worst]["spread"] <= cfg.cost_max_spread:
-            break
-        print(f"warning: cost probe {worst!r} spread {res[worst]['spread']:.0%} over its {cfg.cost_repeats} "
-              f"repeats (> --cost_max_spread={cfg.cost_max_spread}): the machine looks busy"
-              + ("; measuring again" if attempt < cfg.cost_retries else "; keeping the calmest measurement"),
-              file=sys.stderr)
-    max_spread, res = min(attempts, key=lambda a: a[0])
-    return res, max_spread, attempts
+    """The cost probes timed together (evaluate.bench_calmest: interleaved repeats, medians; a
+    probe whose spread exceeds --cost_max_spread is measured again, up to --cost_retries times, and
+    the calmest measurement kept). Returns (result, its largest spread, every attempt's largest spread)."""
+    return bench_calmest(models, cfg.cost_batch_size, cfg.cost_prompt_len, cfg.cost_new_tokens, cfg.compile,
+                         cfg.cost_repeats, cfg.cost_max_spread, cfg.cost_retries, what="cost probe",
+                         flag="--cost_max_spread", desc="cost probes (compile, then timing)")
 
 
 def save_assembly(run, res, child, control, models, extras, parent_pred):

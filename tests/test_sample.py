@@ -145,6 +145,27 @@ def test_benchmark_runs_the_path_it_names(monkeypatch):
     assert res["same_tokens"] and res["decode_speedup"] > 0
 
 
+def test_bench_calmest_measures_again_while_the_machine_looks_busy(monkeypatch, capsys):
+    """A benchmark whose repeats disagree (spread > max_spread) is taken again up to `retries`
+    times and the calmest kept; a calm one is taken once."""
+    spreads = iter([0.9, 0.4, 0.6])
+    real = evaluate.bench_decode_many
+
+    def fake(models, *a, **k):
+        res = real(models, *a, **k)
+        s = next(spreads)
+        return {name: {**r, "spread": s} for name, r in res.items()}
+    monkeypatch.setattr(evaluate, "bench_decode_many", fake)
+    models = {"a": tiny_model(97), "b": tiny_model(97)}
+    res, calmest, attempts = evaluate.bench_calmest(models, 2, 4, 4, False, 2, max_spread=0.25, retries=2)
+    assert attempts == [0.9, 0.4, 0.6] and calmest == 0.4 and res["a"]["spread"] == 0.4 and set(res) == {"a", "b"}
+    err = capsys.readouterr().err
+    assert err.count("the machine looks busy; measuring again") == 2 and "keeping the calmest measurement" in err
+    spreads = iter([0.1])
+    _, calmest, attempts = evaluate.bench_calmest(models, 2, 4, 4, False, 2, max_spread=0.25, retries=2)
+    assert attempts == [0.1] and "looks busy" not in capsys.readouterr().err
+
+
 def test_top_p_threshold_and_exponential_race():
     probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
     logits = probs.log()
