@@ -69,7 +69,7 @@ from tqdm import tqdm
 from checkpoint import load_config
 from configurator import (ConfigError, check, check_choice, check_positive, check_range, check_readable,
                           check_out_dir, run_main)
-from evaluate import bench_decode_many
+from evaluate import bench_calmest
 from ffn_fusion import ffn_contribution, ffn_fusion
 from model import (BlockConfig, DecoderLayer, NonFiniteError, Transformer, kv_bytes_per_token, layer_params,
                    rope_cos_sin)
@@ -881,21 +881,28 @@ def model_kl(model, parent, batches, device):
 
 def time_child(cfg, parent, child):
     """The child's decode speed-up over the parent, measured now: both timed together (interleaved
-    repeats) as the cost probes were, so the ratio survives a machine whose load changes."""
-    r = bench_decode_many({"parent": parent, "child": child}, cfg.cost_batch_size, cfg.cost_prompt_len,
-                          cfg.cost_new_tokens, compile=cfg.compile, repeats=cfg.cost_repeats)
+    repeats) as the cost probes were, so the ratio survives a machine whose load changes, and
+    measured again while the repeats spread by more than --cost_max_spread."""
+    r, spread, attempts = bench_calmest({"parent": parent, "child": child}, cfg.cost_batch_size, cfg.cost_prompt_len,
+                                        cfg.cost_new_tokens, cfg.compile, cfg.cost_repeats, cfg.cost_max_spread,
+                                        cfg.cost_retries, what="re-timing of", flag="--cost_max_spread",
+                                        desc="re-timing the child")
     torch._dynamo.reset()
     return {"measured_speedup": r["parent"]["decode_s"] / r["child"]["decode_s"],
             "parent_decode_tokens_per_s": r["parent"]["decode_tokens_per_s"],
             "child_decode_tokens_per_s": r["child"]["decode_tokens_per_s"],
-            "spread": max(r["parent"]["spread"], r["child"]["spread"])}
+            "spread": spread, "spread_attempts": attempts}
 
 
 def accept_child(cfg, pcfg, parent, space, lib, scores, costs, sol):
     """Puzzle's costs are predictions from probes; before the child is accepted it is timed against
     the parent. Below accept_frac x target the MIP is solved again with the target raised by the
     ratio predicted / measured (the probes' error, assumed to persist), up to retime_rounds times;
-    the fastest measured child is kept. Returns (solution, child, the rounds' records)."""
+    the fastest measured child is kept. A re-solved child predicted faster than the one before but
+    measured no faster says the timings are the machine's noise, not a bias of the probes: the
+    rounds stop there (on the 2-core EPYC VM a 1.60x child measured 1.35x, the 1.90x one 1.30x, and
+    the raised target then picked a 2.76x child that kept 73% of the parent's accuracy after KD).
+    Returns (solution, child, the rounds' records)."""
     rounds, best = [], None
     target = cfg.target_speedup
     for i in range(cfg.retime_rounds):
@@ -904,9 +911,15 @@ def accept_child(cfg, pcfg, parent, space, lib, scores, costs, sol):
         rounds.append({"round": i, "target_speedup": target, "predicted_speedup": sol["predicted_speedup"], **t})
         print(f"re-timing round {i}: predicted {sol['predicted_speedup']:.3f}x, measured "
               f"{t['measured_speedup']:.3f}x against the parent (spread {t['spread']:.0%})")
+        noise = best is not None and t["measured_speedup"] <= best[2]   # predicted faster, measured no faster
         if best is None or t["measured_speedup"] > best[2]:
             best = (sol, child, t["measured_speedup"])
         if not cfg.target_speedup or t["measured_speedup"] >= cfg.accept_frac * cfg.target_speedup:
+            break
+        if noise:
+            print(f"warning: a child predicted faster ({sol['predicted_speedup']:.3f}x) measured no faster than "
+                  f"the one before: the timings are this machine's noise, not the probes' bias; keeping the "
+                  f"fastest measured ({best[2]:.3f}x)", file=sys.stderr)
             break
         if i + 1 == cfg.retime_rounds:
             print(f"warning: the fastest child measured {best[2]:.3f}x, below --accept_frac x --target_speedup = "
