@@ -157,7 +157,10 @@ def test_llama3_folder_runs_every_stage_with_defaults(tmp_path, capsys, monkeypa
     # KD in 2,048-token steps (its default, 4,096, is the other test's): 128,256-id logits of the
     # teacher and the student, recomputed in backward, are most of this test's time
     got = run_recipe(model, capsys, kd_budget=["--total_batch_size=2048"])
-    assert got["puzzle_rc"] == 2   # the 1.6x target: refused in one line, then the memory budget
+    # the 1.6x target: usually refused in one line (then the memory budget, run_recipe checks both), but
+    # whether a 2-layer model with a 128k-id head has a 1.6x child depends on timed costs: with the
+    # test suite beside a speedrun on the 2-core EPYC one was found (a timed assert is not a test)
+    assert got["puzzle_rc"] in (0, 2)
     # rows as long as the data needs, not the 512-token context: KD's at most 2,048 / 16 rows,
     # SFT's the longest sample rounded up (to 256), in 4,096-token batches
     assert (got["kd"]["seq_len"], got["kd"]["total_batch_size"]) == (128, 2048)
