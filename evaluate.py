@@ -2,16 +2,16 @@
 evaluate.py: the two yardsticks every stage of the recipe is judged with.
 
     evaluate_problems(model, tok, problems, reasoning)   accuracy + think rate on held-out problems
-    bench_decode(model, batch_size, ...)                 prefill / decode tokens per second
-    bench_decode_many({name: model}, batch_size, ...)    the same for several models, interleaved
+    bench_decode_many({name: model}, batch_size, ...)    prefill / decode tokens per second, models interleaved
     bench_calmest({name: model}, ...)                    ... measured again while the machine looks busy
 
 The paper reports every model with reasoning on and off (sec. 4-5 tables) and its efficiency as
 throughput (sec. 2); at nano scale the accuracy comes from data.py's verifier on the held-out test
 split and the throughput from the same KV-cache generation the recipe decodes with. sample.py
 --eval / --bench print these; sft.py and grpo.py log generation_eval (evaluate_problems in both
-modes) for their periodic evaluations, and puzzle.py's cost model times decode steps with bench_decode_many (the same calls
-as bench_decode), so every number in the report comes from one piece of code. It imports model.py
+modes) for their periodic evaluations, and puzzle.py's cost model times decode steps with
+bench_calmest (the same calls as sample.py --bench), so every number in the report comes from one
+piece of code. It imports model.py
 and data.py, never a stage file.
 """
 import statistics
@@ -186,7 +186,7 @@ def _rates(prompts, new_tokens, prefill_s, total_s):
 def bench_decode_many(models, batch_size, prompt_len=32, new_tokens=128, compile=True, repeats=5, seed=0,
                       progress=None, tokens=None):
     """Greedy generation throughput with the KV cache, as the recipe decodes, for several models
-    ({name: model}) measured together: the one benchmark loop (bench_decode, bench_compare,
+    ({name: model}) measured together: the one benchmark loop (bench_calmest, bench_compare,
     `sample.py --bench`, puzzle.py's cost probes and re-timing all call it).
 
     model.generate runs on batch_size random prompts of prompt_len tokens with no stop tokens (so
@@ -257,12 +257,6 @@ def bench_calmest(models, batch_size, prompt_len, new_tokens, compile, repeats, 
     first = attempts[0][1]   # the one-time compile happened in the first attempt's warm-up
     res = {k: {**r, "compile_s": first[k]["compile_s"], "warmup_s": first[k]["warmup_s"]} for k, r in res.items()}
     return res, calmest, [a[0] for a in attempts]
-
-
-def bench_decode(model, batch_size, prompt_len=32, new_tokens=128, compile=True, repeats=5, seed=0):
-    """bench_decode_many of one model: its rates, compile_s, the context length used and the path
-    that ran ("compiled" / "eager")."""
-    return bench_decode_many({"model": model}, batch_size, prompt_len, new_tokens, compile, repeats, seed)["model"]
 
 
 def bench_compare(model, batch_size, prompt_len=32, new_tokens=128, repeats=5, seed=0):

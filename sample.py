@@ -22,9 +22,10 @@ its tokenizer (`tokenizer.model` at the root or under `original/`); for --eval t
 split of data.py's task world (generated, so nothing else is needed) or --problems=FILE.
 Writes: responses / metrics to stdout (everything else to stderr), and --out=FILE as JSON.
   --eval:  `accuracy: X`, `think_rate: Y` (fractions), then per task and per chain length on stderr
-  --bench: `prefill_tokens_per_s: X`, `decode_tokens_per_s: Y`, `context: C` (medians of --repeats; a
-    measurement whose repeats spread by more than --max_spread is taken again, up to --bench_retries
-    times, and the calmest kept: JSON field spread_attempts)
+  --bench: `prefill_tokens_per_s: X`, `decode_tokens_per_s: Y`, `context: C` (medians of --repeats; with
+    or without --baseline, a measurement whose repeats spread by more than --max_spread is taken
+    again, up to --bench_retries times, and the calmest kept: JSON field spread_attempts;
+    --bench_compare times once)
   --prompts=FILE: a .jsonl file ({"prompt", optional "reasoning"} rows) gives JSONL rows with a
     "response" field added; any other file holds one prompt per line and gives one line per
     prompt, the response as a JSON string (so a multi-line answer stays on one line).

@@ -136,9 +136,9 @@ def test_benchmark_runs_the_path_it_names(monkeypatch):
         return step
     monkeypatch.setattr(model, "decode_step", counting("eager"))
     monkeypatch.setattr(model, "compiled_decode_step", lambda: counting("compiled"))
-    res = evaluate.bench_decode(model, batch_size=3, prompt_len=5, new_tokens=6, compile=True, repeats=2)
+    res = evaluate.bench_decode_many({"m": model}, batch_size=3, prompt_len=5, new_tokens=6, compile=True, repeats=2)["m"]
     assert res["path"] == "compiled" and calls == {"eager": 0, "compiled": 3 * 5}  # warm-up + 2 repeats
-    res = evaluate.bench_decode(model, batch_size=3, prompt_len=5, new_tokens=6, compile=False, repeats=2)
+    res = evaluate.bench_decode_many({"m": model}, batch_size=3, prompt_len=5, new_tokens=6, compile=False, repeats=2)["m"]
     assert res["path"] == "eager" and calls["eager"] == 3 * 5
     assert res["context"] == 11 and res["decode_tokens_per_s"] > 0 and res["prefill_tokens_per_s"] > 0
     res = evaluate.bench_compare(model, batch_size=2, prompt_len=5, new_tokens=6, repeats=2)
