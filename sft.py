@@ -7,7 +7,7 @@ data: the same prompts with both kinds of response. The loss is token-level cros
 assistant tokens only, over packed sequences, with a cosine schedule and ~10% warmup (the paper's
 LN-Nano: 4 epochs at 1e-4, global batch 256 samples, 32k-token packed rows).
 
-    python sft.py                                         # nano recipe: out/child + out/data -> out/sft
+    python sft.py config/nano_sft_cpu.py                  # nano recipe: out/child + out/data -> out/sft
     python sft.py --init_from=out/parent --out_dir=out/sft_parent
     python sft.py --init_from=hf/Llama-3.2-1B-Instruct --data=math.jsonl:0.7,chat.jsonl:0.3 --val_data=val.jsonl \
         --seq_len=2048 --total_batch_size=32768 --device_batch_size=4 --epochs=1 --lr=1e-5 --eval_problems=0
@@ -30,9 +30,10 @@ needs no weight): each epoch holds as many samples as all files together, 70% of
 Packing: the samples of an epoch (shuffled) go into rows of --seq_len tokens, first fit over the
 last 64 open rows; every sample is its own document (doc_ids: no attention across samples) with
 RoPE positions restarting at 0; the tail of a row is a pad document whose targets are ignored.
-Position gaps (--pos_gap, not in the paper): each turn's positions start a random 0..24 past the
-end of the turn before it, so the nano model looks operands up by their letters, not by how far back they
-are, and its traces carry on past the longest chains it was taught (k = 9..12, left to GRPO).
+Position gaps (--pos_gap, not in the paper; off by default, 24 in the nano recipe's preset
+config/nano_sft_cpu.py): each turn's positions start a random 0..24 past the end of the turn
+before it, so the nano model looks operands up by their letters, not by how far back they are, and
+its traces carry on past the longest chains it was taught (k = 9..12, left to GRPO).
 
 Reads: --init_from (any checkpoint model.py loads, with its tokenizer), --data, --val_data, the
 held-out "val" split of data.py's task world for the generation evals. Writes to --out_dir:
@@ -76,17 +77,10 @@ class SFTConfig:
                                                # the steps -> the end: 2 epochs 32.5 -> 87.2% (+54.7: not
                                                # converged), 4 epochs 95.3 -> 96.4% (+1.1, converged), with
                                                # k = 11 / 12 (never taught) at 94 / 78%: room left to RL
-    pos_gap: int = 24                          # RoPE positions of each turn (user, assistant) start 0..pos_gap
-                                               # (uniform) past the turn before it, so no step can find its
-                                               # operand by distance alone and must look it up by its letter.
-                                               # Seed 1337's child, SFT taught k <= 6 (and 1% k = 7..8), 2
-                                               # epochs, greedy k = 9 / 10 / 11 / 12: 0: 40 / 20 / 10 / 10%
-                                               # (chance: 10); 24: 100 / 97 / 63 / 33% (data.py, the trace
-                                               # block); 48 (before the trace's closing line): k = 8 fell to 63%.
-                                               # SFT taught k <= 8, 4 epochs, whole runs: 24: seeds 2, 3 converged,
-                                               # seed 1337's traces past k = 8 ran away (97.9% think blocks); 32:
-                                               # seed 1337 99.9%, but seeds 2, 3 rose 3.1 / 2.8 points in the
-                                               # last third (README)
+    pos_gap: int = 0                           # > 0: RoPE positions of each turn start 0..pos_gap past the turn
+                                               # before it (not in the paper; the nano recipe's preset
+                                               # config/nano_sft_cpu.py sets 24 and says why). 0 for a real
+                                               # checkpoint: its positions stay those it will be served with
     max_steps: int = 0                         # > 0: run this many steps instead of --epochs
     total_batch_size: int = 0                  # tokens per optimizer step; 0 = ~4096 (16 rows x 256, ~75
                                                # samples) rounded to a multiple of device_batch_size x seq_len

@@ -79,7 +79,7 @@ run_stage puzzle  $PY puzzle.py --seed=$SEED --device=$DEVICE --parent=$OUT/pare
                       --out_dir=$OUT/puzzle $PUZZLE_ARGS
 run_stage kd      $PY distill.py config/nano_kd_cpu.py --seed=$SEED --device=$DEVICE --data_dir=$OUT/data \
                       --init_from=$OUT/puzzle/child --teacher=$OUT/parent --out_dir=$OUT/child $KD_ARGS $(again $OUT/child)
-run_stage sft     $PY sft.py --seed=$SEED --device=$DEVICE --init_from=$OUT/child --data=$OUT/data/sft_train.jsonl \
+run_stage sft     $PY sft.py config/nano_sft_cpu.py --seed=$SEED --device=$DEVICE --init_from=$OUT/child --data=$OUT/data/sft_train.jsonl \
                       --val_data=$OUT/data/sft_val.jsonl --out_dir=$OUT/sft $SFT_ARGS $(again $OUT/sft)
 run_stage grpo    $PY grpo.py --seed=$SEED --device=$DEVICE --init_from=$OUT/sft --data=$OUT/data/rl_train.jsonl \
                       --out_dir=$OUT/grpo $GRPO_ARGS $(again $OUT/grpo)

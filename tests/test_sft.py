@@ -64,7 +64,7 @@ def flags(data_dir, init_dir, out_dir, *extra):
     return [f"--data={data_dir}/sft_train.jsonl", f"--val_data={data_dir}/sft_val.jsonl", f"--init_from={init_dir}",
             f"--out_dir={out_dir}", "--device=cpu", "--seq_len=128", "--device_batch_size=2",
             "--total_batch_size=1024", "--lr=3e-3", "--log_interval=1", "--eval_interval=0", "--eval_problems=0",
-            "--seed=7", *extra]
+            "--seed=7", "--pos_gap=24", *extra]   # the nano recipe's gaps: 2 processes and a resume replay them
 
 
 def run(*argv):

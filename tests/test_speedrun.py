@@ -39,6 +39,8 @@ def test_smoke_chain_fails_loudly_and_resumes(tmp_path):
     # think rates carry two decimals: a 99.47% that fails the 99.5% check must not print as "99.5%"
     sft_row = next(line for line in md.splitlines() if line.startswith("| SFT |"))
     assert re.fullmatch(r"\| SFT \| [\d.]+ \| [\d.]+ \| \d+\.\d\d% \| \d+\.\d\d% \|", sft_row), sft_row
+    # the SFT stage ran with the nano preset's position gaps (sft.py's own default is 0, the paper's)
+    assert json.load(open(out / "sft" / "train_config.json"))["pos_gap"] == 24
     for png in ("accuracy_by_k.png", "curves.png", "puzzle/layout.png"):
         assert (out / png).stat().st_size > 0, png
 
