@@ -64,7 +64,7 @@ from runtime import (all_sum, auto_eval_interval, auto_seq_len, auto_total_batch
 
 @dataclass
 class SFTConfig:
-    # data (data.py writes the nano world's: 20k rows, ~1M tokens, each prompt once "on", once "off")
+    # data (data.py writes the nano world's: 40k rows, ~2M tokens, each prompt once "on", once "off")
     data: str = "out/data/sft_train.jsonl"     # path[:weight],path[:weight],...
     val_data: str = "out/data/sft_val.jsonl"   # held-out loss ("" = none)
     seq_len: int = 0                           # packed row length; 0 = the longest sample rounded up to a
@@ -72,11 +72,16 @@ class SFTConfig:
     # model
     init_from: str = "out/child"               # the Puzzle child after KD (any model.py checkpoint)
     # optimisation
-    epochs: float = 4.0                        # passes over the data (nano: ~1,000 steps, ~3.5 min here).
-                                               # Seed 1337's child, held-out val chains k = 3..12 at 2/3 of
-                                               # the steps -> the end: 2 epochs 32.5 -> 87.2% (+54.7: not
-                                               # converged), 4 epochs 95.3 -> 96.4% (+1.1, converged), with
-                                               # k = 11 / 12 (never taught) at 94 / 78%: room left to RL
+    epochs: float = 2.0                        # passes over the data (nano: 40k rows, ~1,000 steps, ~5 min on
+                                               # 2 EPYC cores). Held-out val chains k = 3..12 at 2/3 of the steps
+                                               # -> the end, Puzzle children of seed 1337 unless said: 20k rows
+                                               # x 2 epochs 32.5 -> 87.2% (+54.7: not converged); 20k x 4: +1.1,
+                                               # but +4.7 and +3.6 for two later children, and seed 2's traces ran
+                                               # away at k = 11-12 (99.47% think blocks on test); 20k x 6: +3.1,
+                                               # test 96.8% vs 99.0% at 4 (repeats hurt k > 8). 40k x 2, the same
+                                               # steps with half the repeats: val loss 0.0572 vs 0.0618, +1.9,
+                                               # +1.4 (seed 2), +2.2 (seed 3), test think blocks 100 / 99.87 /
+                                               # 100%. Seed 3: 80k x 1 +8.9, 40k x 3 +2.5 with 98.8% think (README)
     pos_gap: int = 0                           # > 0: RoPE positions of each turn start 0..pos_gap past the turn
                                                # before it (not in the paper; the nano recipe's preset
                                                # config/nano_sft_cpu.py sets 24 and says why). 0 for a real
