@@ -404,7 +404,8 @@ def draw_batch(pool, rows, step, cfg):
     """The prompts and modes of rollout step `step`: a pure function of (pool, seed, step), so every
     process draws the same batch and a resumed run continues the same sequence.
     - prompts_per_step distinct pool entries, drawn without replacement with the curriculum's
-      probabilities (uniformly with --curriculum=False);
+      probabilities (uniformly with --curriculum=False); with replacement when the pool is smaller
+      than a batch (a prompt then fills several groups, each with its own advantages);
     - modes: a row's "reasoning" field if it has one; the others are "off" for
       round(n * (1 - on_fraction)) of them (a seeded choice), else "on".
     Returns (row indices, modes, curriculum centre or None)."""
@@ -413,7 +414,7 @@ def draw_batch(pool, rows, step, cfg):
     if cfg.curriculum:
         rates = np.array([r for _, r in pool], dtype=np.float64)
         probs, mu = curriculum_weights(rates, step / max(1, cfg.max_steps - 1), cfg.curriculum_sigma)
-    pick = rng.choice(len(pool), size=cfg.prompts_per_step, replace=False, p=probs)
+    pick = rng.choice(len(pool), size=cfg.prompts_per_step, replace=len(pool) < cfg.prompts_per_step, p=probs)
     idx = [pool[j][0] for j in pick]
     free = [g for g, i in enumerate(idx) if "reasoning" not in rows[i]]
     n_off = round(len(free) * (1 - cfg.on_fraction))
@@ -571,7 +572,9 @@ def main(cfg):
         pool = [tuple(p) for p in state["extra"]["pool"]]
     else:
         pool = prefilter_pool(model, tok, rows, cfg, dist, say, log, clock)
-    check_pool(pool, cfg)
+    short = check_pool(pool, cfg)
+    if short:
+        say(short)
     problems = stage_eval_problems(cfg.eval_problems)
 
     def run_eval(step):

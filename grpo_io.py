@@ -119,10 +119,18 @@ def write_prefilter(path, rows, scanned):
 
 
 def check_pool(pool, cfg):
+    """An empty pool is an error (nothing to learn from, said before any training). A pool smaller
+    than a batch is trained on with batches drawn with replacement (grpo.draw_batch): returns the
+    warning to print, else None. A strong SFT policy gets there: seed 1337's prefiltering kept 20-33
+    of 2,000 prompts scanned, against --prompts_per_step=16."""
+    why = (f"prefiltering (pass rate in [--min_pass_rate={cfg.min_pass_rate}, --max_pass_rate={cfg.max_pass_rate}))")
+    if not pool:
+        raise DataError(f"{cfg.data}: 0 prompts left after {why}: the policy already solves every prompt or "
+                        "none; nothing to learn from")
     if len(pool) < cfg.prompts_per_step:
-        raise DataError(f"{cfg.data}: {len(pool)} prompts left after prefiltering (pass rate in [--min_pass_rate="
-                        f"{cfg.min_pass_rate}, --max_pass_rate={cfg.max_pass_rate})), fewer than --prompts_per_step="
-                        f"{cfg.prompts_per_step}")
+        return (f"warning: {len(pool)} prompts left after {why}, fewer than --prompts_per_step={cfg.prompts_per_step}: "
+                "each batch draws them with replacement (a prompt may fill several groups)")
+    return None
     if cfg.curriculum and any(r is None for _, r in pool):
         raise ConfigError("--curriculum=True needs a pass rate for every prompt: set --prefilter_samples > 0 or give "
                           "the rows a pass_rate (or --curriculum=False)")

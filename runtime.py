@@ -436,7 +436,8 @@ def plot_curves(path_png, rows, keys, xkey="step", title="", smooth=1):
     ax.set_xlabel(xkey + (f" (moving average of {smooth})" if smooth > 1 else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:   # none of the keys logged yet (a 1-step run): no legend
+        ax.legend()
     fig.tight_layout()
     atomic_write(path_png, lambda p: fig.savefig(p, dpi=110))
     plt.close(fig)

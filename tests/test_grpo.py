@@ -327,6 +327,25 @@ def test_prefilter_max_scan_stops_the_scan_once_a_batch_is_kept(world):
     assert len(more) > 10 and len(more_pool) >= len(pool) + 2 and more == whole[:len(more)]
 
 
+def test_pool_smaller_than_a_batch_draws_with_replacement(world, tmp_path, capsys):
+    """A strong policy may leave fewer prompts than --prompts_per_step after prefiltering: the run
+    says so and trains, each batch drawing the pool with replacement; an empty pool is an error."""
+    rows = [{"prompt": f"p{i}", "answer": "1"} for i in range(3)]
+    pool = [(i, 0.25 * i) for i in range(3)]
+    cfg = grpo.GRPOConfig(prompts_per_step=8, max_steps=4)
+    idx, modes, _ = grpo.draw_batch(pool, rows, 1, cfg)
+    assert len(idx) == len(modes) == 8 and set(idx) <= {0, 1, 2} and grpo.draw_batch(pool, rows, 1, cfg)[0] == idx
+    small = tmp_path / "small.jsonl"
+    with open(small, "w") as f:
+        for r in [json.loads(x) for x in open(world["rl"])][:3]:
+            f.write(json.dumps({**r, "pass_rate": 0.25}) + "\n")
+    out = str(tmp_path / "small")
+    run(world, out, f"--data={small}", "--max_steps=2")
+    said = "".join(capsys.readouterr())
+    assert "3 prompts left after prefiltering" in said and "with replacement" in said
+    assert [r["step"] for r in metrics(out) if "reward" in r] == [1, 2]
+
+
 def test_two_processes_equal_one(world, tmp_path):
     """2 gloo processes (each generating and training half of the generate calls) == 1 process."""
     env = {**ENV, "OMP_NUM_THREADS": "1"}
