@@ -127,13 +127,13 @@ def check_pool(pool, cfg):
     if not pool:
         raise DataError(f"{cfg.data}: 0 prompts left after {why}: the policy already solves every prompt or "
                         "none; nothing to learn from")
+    if cfg.curriculum and any(r is None for _, r in pool):
+        raise ConfigError("--curriculum=True needs a pass rate for every prompt: set --prefilter_samples > 0 or give "
+                          "the rows a pass_rate (or --curriculum=False)")
     if len(pool) < cfg.prompts_per_step:
         return (f"warning: {len(pool)} prompts left after {why}, fewer than --prompts_per_step={cfg.prompts_per_step}: "
                 "each batch draws them with replacement (a prompt may fill several groups)")
     return None
-    if cfg.curriculum and any(r is None for _, r in pool):
-        raise ConfigError("--curriculum=True needs a pass rate for every prompt: set --prefilter_samples > 0 or give "
-                          "the rows a pass_rate (or --curriculum=False)")
 
 
 def rollout_bucket(row, start_rate):

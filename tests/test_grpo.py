@@ -425,3 +425,6 @@ def test_bad_input_errors(world, tmp_path, capsys):
     easy.write_text("".join(json.dumps({"prompt": f"Add mod 10: {k}+1", "answer": str((k + 1) % 10),
                                         "pass_rate": 1.0}) + "\n" for k in range(10)))
     assert "0 prompts left after prefiltering" in user_error(world, tmp_path, capsys, f"--data={easy}")
+    # the curriculum orders prompts by pass rate: without sampling, every row must carry one
+    err = user_error(world, tmp_path, capsys, "--prefilter_samples=0", "--curriculum=True")
+    assert "--curriculum=True needs a pass rate for every prompt" in err
