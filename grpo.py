@@ -121,7 +121,7 @@ class GRPOConfig:
     stop_after: int = 0                     # end this invocation after N more steps (then --resume)
     lr: float = 3e-5                        # nano: 1e-4 and above lowered greedy accuracy with reasoning on
                                             # by 7-11 points in 15-30 steps; 2e-5 to 5e-5 left it within
-                                            # +-1 point (README, "What RL does here")
+                                            # +-1 point (an earlier world: README at bc6c650)
     warmup_steps: int = 2                   # optimizer steps
     min_lr_frac: float = 1.0                # 1.0 = constant after warmup (cosine down to lr * frac otherwise)
     weight_decay: float = 0.0
