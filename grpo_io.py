@@ -125,8 +125,8 @@ def check_pool(pool, cfg):
     of 2,000 prompts scanned, against --prompts_per_step=16."""
     why = (f"prefiltering (pass rate in [--min_pass_rate={cfg.min_pass_rate}, --max_pass_rate={cfg.max_pass_rate}))")
     if not pool:
-        raise DataError(f"{cfg.data}: 0 prompts left after {why}: the policy already solves every prompt or "
-                        "none; nothing to learn from")
+        raise DataError(f"{cfg.data}: 0 prompts left after {why}: every pass rate is outside that range, "
+                        "nothing to learn from")
     if cfg.curriculum and any(r is None for _, r in pool):
         raise ConfigError("--curriculum=True needs a pass rate for every prompt: set --prefilter_samples > 0 or give "
                           "the rows a pass_rate (or --curriculum=False)")

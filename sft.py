@@ -72,7 +72,7 @@ class SFTConfig:
     # model
     init_from: str = "out/child"               # the Puzzle child after KD (any model.py checkpoint)
     # optimisation
-    epochs: float = 2.0                        # passes over the data (nano: 40k rows, ~1,000 steps, ~5 min on
+    epochs: float = 2.0                        # passes over the data (nano: 40k rows, ~1,000 steps, ~6 min on
                                                # 2 EPYC cores). Held-out val chains k = 3..12 at 2/3 of the steps
                                                # -> the end, Puzzle children of seed 1337 unless said: 20k rows
                                                # x 2 epochs 32.5 -> 87.2% (+54.7: not converged); 20k x 4: +1.1,
